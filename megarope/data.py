@@ -1,0 +1,415 @@
+"""Data: tokenizers, raw text in, megatron indexed datasets out, and the GPTDataset that training reads.
+
+The path a corpus takes:
+
+    text / JSONL files --iter_documents--> strings --tokenizer--> ids + EOD --preprocess--> prefix.bin/.idx
+    prefix.bin/.idx (one or a weighted blend) --build_gpt_dataset--> megatron GPTDataset of seq_len samples
+
+Everything from the .bin/.idx format on is megatron-core's own code (IndexedDatasetBuilder, GPTDataset,
+BlendedMegatronDatasetBuilder); this module only feeds it. Two tokenizers are supported: "bytes" (UTF-8
+bytes, nothing to download, for toy runs on a laptop) and a sentencepiece .model file (LLaMA's kind).
+`stdlib_corpus` gives every machine the same small corpus: the Python standard library's own source.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import multiprocessing
+import os
+import sysconfig
+import tempfile
+from abc import abstractmethod
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Sequence
+
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder
+from megatron.core.datasets.utils import Split
+from megatron.core.tokenizers import MegatronTokenizerBase
+
+from megarope.errors import UsageError
+
+TEXT_SUFFIXES = (".txt",)
+JSONL_SUFFIXES = (".jsonl", ".json")  # .json here means JSON lines, as megatron's own preprocessing reads it
+
+
+# ----------------------------------------------------------------------------------------------- tokenizers
+class Tokenizer(MegatronTokenizerBase):
+    """What the rest of megarope needs from a tokenizer, on top of megatron's base class.
+
+    GPTDataset reads `eod` (and `vocab_size`, to pick the token dtype); its cache key serialises the
+    tokenizer through `unique_identifiers`. `spec` is what `load_tokenizer` takes back, so a checkpoint
+    that records it can rebuild the same tokenizer.
+    """
+
+    name: str
+    eod: int
+    bos: int | None
+
+    @abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """Text to token ids, without bos or eod."""
+
+    @abstractmethod
+    def decode(self, ids: Iterable[int]) -> str:
+        """Token ids to text; special ids decode to nothing."""
+
+    @property
+    def spec(self) -> str:
+        return self.path if self.path is not None else self.name
+
+    # megatron's abstract interface, in its own names
+    def tokenize(self, text: str) -> list[int]:
+        return self.encode(text)
+
+    def detokenize(self, ids: Iterable[int]) -> str:
+        return self.decode(ids)
+
+    def apply_chat_template(self, *args, **kwargs):
+        raise NotImplementedError("base-model tokenizers carry no chat template")
+
+    @property
+    def unique_identifiers(self) -> OrderedDict:
+        # part of the hash that names megatron's index caches: same data + other EOD must not share a cache
+        return OrderedDict(cls=type(self).__name__, name=self.name, path=self.path,
+                           vocab_size=self.vocab_size, eod=self.eod)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(spec={self.spec!r}, vocab_size={self.vocab_size}, eod={self.eod})"
+
+
+class ByteTokenizer(Tokenizer):
+    """UTF-8 bytes are the tokens 0..255, and 256 ends a document. No file, no training."""
+
+    name = "bytes"
+
+    def __init__(self):
+        super().__init__(path=None, config={})
+        self.eod, self.bos = 256, None
+
+    @property
+    def vocab_size(self) -> int:
+        return 257
+
+    @property
+    def vocab(self) -> list[str]:
+        return [f"<0x{i:02X}>" for i in range(256)] + ["<eod>"]  # sentencepiece's names for byte pieces
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        # a model's sample may end inside a multi-byte character: replace, don't raise
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A sentencepiece model file, e.g. LLaMA's tokenizer.model (unk 0, bos 1, eos 2; eos ends a document)."""
+
+    name = "sentencepiece"
+
+    def __init__(self, path: str):
+        import sentencepiece
+
+        super().__init__(path=os.path.abspath(path), config={})
+        try:
+            self._sp = sentencepiece.SentencePieceProcessor(model_file=self.path)
+        except (OSError, RuntimeError) as e:
+            raise UsageError(f"cannot read sentencepiece model {path}: {e}") from None
+        if self._sp.eos_id() < 0:
+            raise UsageError(f"sentencepiece model {path} has no eos piece to end documents with")
+        self.eod = self._sp.eos_id()
+        self.bos = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.get_piece_size()
+
+    @property
+    def vocab(self) -> list[str]:
+        return [self._sp.id_to_piece(i) for i in range(self.vocab_size)]
+
+    def encode(self, text: str) -> list[int]:
+        return self._sp.encode(text)  # no bos/eos: preprocess decides what goes between documents
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._sp.decode([int(i) for i in ids])
+
+
+def load_tokenizer(spec: str | os.PathLike) -> Tokenizer:
+    """"bytes" for the byte-level tokenizer, otherwise the path of a sentencepiece .model file."""
+    spec = os.fspath(spec)
+    if spec == "bytes":
+        return ByteTokenizer()
+    if not os.path.isfile(spec):
+        raise UsageError(f"tokenizer not found: {spec!r} (give 'bytes' or a sentencepiece .model file)")
+    return SentencePieceTokenizer(spec)
+
+
+def _as_tokenizer(tokenizer: Tokenizer | str | os.PathLike) -> Tokenizer:
+    return tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
+
+
+def train_sentencepiece(input_files: Sequence[str | os.PathLike], vocab_size: int, model_prefix: str,
+                        max_sentences: int = 300_000) -> str:
+    """Train a LLaMA-like BPE model on the documents in `input_files`; writes and returns model_prefix.model.
+
+    LLaMA's settings: byte fallback (no text is ever <unk>), digits split, whitespace kept as it is (code
+    and long documents keep their layout), unk 0 / bos 1 / eos 2 / no pad. Sentencepiece learns from lines,
+    so documents are fed line by line, and at most `max_sentences` lines, sampled, keep training quick.
+    """
+    import sentencepiece
+
+    if vocab_size < 260:
+        raise UsageError(f"tokenizer vocab size must be at least 260 (256 bytes + specials), got {vocab_size}")
+    lines = (line for doc in iter_documents(input_files) for line in doc.splitlines() if line.strip())
+    model = io.BytesIO()
+    try:
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=lines, model_writer=model, vocab_size=vocab_size, model_type="bpe",
+            byte_fallback=True, split_digits=True, allow_whitespace_only_pieces=True,
+            normalization_rule_name="identity", remove_extra_whitespaces=False, character_coverage=0.99995,
+            unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+            input_sentence_size=max_sentences, shuffle_input_sentence=True,
+            num_threads=os.cpu_count() or 1, minloglevel=2)
+    except RuntimeError as e:  # e.g. "Vocabulary size is smaller than required_chars. 300 vs 344. ..."
+        raise UsageError(f"sentencepiece training failed: {str(e).split('] ')[-1]}") from None
+    path = os.fspath(model_prefix) + ".model"
+    with _atomic([path]) as (tmp,), open(tmp, "wb") as f:
+        f.write(model.getvalue())
+    return path
+
+
+# ----------------------------------------------------------------------------------------------- raw text
+def _input_files(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """The files behind `paths`: files as given, directories walked for text/JSONL files in sorted order."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    files = []
+    for path in map(os.fspath, paths):
+        if os.path.isfile(path):
+            files.append(path)
+        elif os.path.isdir(path):
+            found = sorted(os.path.join(root, name) for root, _, names in os.walk(path) for name in names
+                           if name.endswith(TEXT_SUFFIXES + JSONL_SUFFIXES))
+            if not found:
+                raise UsageError(f"no .txt, .jsonl or .json files under {path}")
+            files += found
+        else:
+            raise UsageError(f"input not found: {path}")
+    if not files:
+        raise UsageError("no input files given")
+    return files
+
+
+def iter_documents(paths: Sequence[str | os.PathLike]) -> Iterator[str]:
+    """Yield documents: a JSONL line's "text", or a whole plain-text file (any suffix but .jsonl/.json)."""
+    for path in _input_files(paths):
+        try:
+            with open(path, encoding="utf-8") as f:
+                if not path.endswith(JSONL_SUFFIXES):
+                    yield f.read()
+                    continue
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise UsageError(f"{path}:{lineno}: not JSON ({e.msg})") from None
+                    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                        raise UsageError(f'{path}:{lineno}: no "text" string in this line')
+                    yield record["text"]
+        except UnicodeDecodeError:
+            raise UsageError(f"{path}: not UTF-8 text") from None
+
+
+# ----------------------------------------------------------------------------------------------- writing
+@contextlib.contextmanager
+def _atomic(paths: Sequence[str]):
+    """Yield a temp name beside each path; on success move them all into place, on failure delete them."""
+    temps = [f"{p}.tmp{os.getpid()}" for p in paths]
+    try:
+        yield temps
+        for temp, path in zip(temps, paths):
+            os.replace(temp, path)
+    finally:
+        for temp in temps:
+            if os.path.exists(temp):
+                os.remove(temp)
+
+
+_worker_tokenizer: Tokenizer | None = None  # one per worker process, loaded once from its spec
+
+
+def _worker_init(spec: str) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = load_tokenizer(spec)
+
+
+def _worker_encode(text: str) -> list[int]:
+    return _worker_tokenizer.encode(text)
+
+
+def preprocess(inputs: Sequence[str | os.PathLike], tokenizer: Tokenizer | str | None, output_prefix: str,
+               train_tokenizer_vocab: int | None = None, workers: int = 1) -> dict:
+    """Tokenize every document, end each with EOD, and write megatron's output_prefix.bin/.idx.
+
+    With `train_tokenizer_vocab`, first train output_prefix.tokenizer.model on the same inputs and use it.
+    Empty documents are skipped (as megatron's preprocess_data.py does). Returns a summary dict.
+    """
+    output_prefix = os.fspath(output_prefix)
+    files = _input_files(inputs)  # fail on a missing input before anything is written
+    if train_tokenizer_vocab is not None and tokenizer is not None:
+        raise UsageError("give a tokenizer or train one, not both")
+    if train_tokenizer_vocab is None and tokenizer is None:
+        raise UsageError("no tokenizer: give 'bytes', a sentencepiece .model, or train one")
+    if workers < 1:
+        raise UsageError(f"workers must be at least 1, got {workers}")
+    if tokenizer is not None:
+        tokenizer = _as_tokenizer(tokenizer)
+    os.makedirs(os.path.dirname(output_prefix) or ".", exist_ok=True)
+    if train_tokenizer_vocab is not None:
+        tokenizer = load_tokenizer(train_sentencepiece(files, train_tokenizer_vocab, output_prefix + ".tokenizer"))
+
+    from tqdm import tqdm
+
+    documents = tokens = 0
+    pool = multiprocessing.Pool(workers, _worker_init, (tokenizer.spec,)) if workers > 1 else contextlib.nullcontext()
+    with pool, _atomic([output_prefix + ".bin", output_prefix + ".idx"]) as (bin_tmp, idx_tmp):
+        # uint16 tokens when the vocabulary allows: half the disk and page cache of int32
+        builder = IndexedDatasetBuilder(bin_tmp, dtype=DType.optimal_dtype(tokenizer.vocab_size))
+        with contextlib.closing(builder.data_file):  # finalize closes it too; this covers the failures
+            texts = iter_documents(files)
+            encoded = pool.imap(_worker_encode, texts, chunksize=16) if workers > 1 else map(tokenizer.encode, texts)
+            # disable=None: a bar on a terminal, silence in logs and pipes
+            for ids in tqdm(encoded, desc=f"tokenizing -> {output_prefix}", unit=" docs", disable=None):
+                if not ids:
+                    continue
+                ids.append(tokenizer.eod)
+                builder.add_document(ids, [len(ids)])
+                documents += 1
+                tokens += len(ids)
+            if documents == 0:
+                raise UsageError(f"no text in {', '.join(files)}")
+            builder.finalize(idx_tmp)
+    return {"documents": documents, "tokens": tokens, "prefix": output_prefix,
+            "bin": output_prefix + ".bin", "idx": output_prefix + ".idx",
+            "tokenizer": tokenizer.spec, "vocab_size": tokenizer.vocab_size}
+
+
+# ----------------------------------------------------------------------------------------------- reading
+def build_gpt_dataset(paths_and_weights, seq_len: int, num_samples: int | None, seed: int,
+                      tokenizer: Tokenizer | str, cache_dir: str | None = None, split_name: str = "train"):
+    """Megatron's GPTDataset over one prefix, or its BlendedDataset over several, with `num_samples` samples.
+
+    `paths_and_weights`: a prefix, or a list whose items are a prefix (weight 1) or a (prefix, weight) pair.
+    Each sample is a dict of tokens / labels (tokens shifted by one) / loss_mask / position_ids, each
+    seq_len long. Megatron's index caches go to `cache_dir`, by default `.cache` beside the first prefix.
+    num_samples=None means one pass over the data (a single prefix only).
+    """
+    tokenizer = _as_tokenizer(tokenizer)
+    if isinstance(paths_and_weights, (str, os.PathLike)):
+        paths_and_weights = [paths_and_weights]
+    pairs = [(item, 1.0) if isinstance(item, (str, os.PathLike)) else item for item in paths_and_weights]
+    prefixes = [os.fspath(p) for p, _ in pairs]
+    weights = [float(w) for _, w in pairs]
+    if not prefixes:
+        raise UsageError("no dataset prefix given")
+    missing = [p for p in prefixes if not IndexedDataset.exists(p)]
+    if missing:
+        raise UsageError(f"no indexed dataset (.bin + .idx) at prefix {', '.join(missing)}")
+    if any(w <= 0 for w in weights):
+        raise UsageError(f"blend weights must be positive, got {weights}")
+    if seq_len < 1 or (num_samples is not None and num_samples < 1):
+        raise UsageError(f"seq_len and num_samples must be positive, got {seq_len} and {num_samples}")
+    if num_samples is None and len(prefixes) > 1:
+        raise UsageError("a weighted blend needs num_samples")
+    try:
+        split = Split[split_name]
+    except KeyError:
+        raise UsageError(f"split must be one of {[s.name for s in Split]}, got {split_name!r}") from None
+
+    if cache_dir is None:
+        cache_dir = os.path.join(os.path.dirname(os.path.abspath(prefixes[0])), ".cache")
+        try:
+            os.makedirs(cache_dir, exist_ok=True)
+        except OSError:  # read-only data directory
+            cache_dir = os.path.join(tempfile.gettempdir(), "megarope-cache")
+    # blend_per_split rather than blend + split string: the whole of each prefix serves the one split asked for
+    blend = (prefixes, weights if len(prefixes) > 1 else None)
+    config = GPTDatasetConfig(
+        random_seed=seed, sequence_length=seq_len, tokenizer=tokenizer, path_to_cache=cache_dir,
+        blend_per_split=[blend if s == split else None for s in Split],
+        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
+        create_attention_mask=False)  # our core attention is causal by construction: no mask tensors
+    sizes = [num_samples if s == split else None for s in Split]
+    # is_built_on_rank=True everywhere: without torch.distributed this process builds (and caches) the
+    # indices; with it, megatron builds on rank 0 first, then the other ranks read the cache
+    datasets = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
+    return datasets[split.value]
+
+
+# ----------------------------------------------------------------------------------------------- corpora
+def stdlib_corpus(out_dir: str | os.PathLike, n_eval_files: int = 20, min_eval_bytes: int = 8192,
+                  source_dir: str | os.PathLike | None = None) -> tuple[str, str]:
+    """The Python standard library's source as a corpus: out_dir/train.jsonl and out_dir/eval.jsonl.
+
+    Every machine has it, so toy runs and demos need no download. Files are taken in sorted order
+    (site-packages and test packages left out); eval holds `n_eval_files` files of at least
+    `min_eval_bytes` (every k-th such file, so they spread over the library), train holds the rest.
+    Nothing is rewritten if both files exist. `source_dir` replaces the stdlib (for tests).
+    """
+    if n_eval_files < 1:
+        raise UsageError(f"n_eval_files must be at least 1, got {n_eval_files}")
+    out_dir = os.fspath(out_dir)
+    train_path, eval_path = os.path.join(out_dir, "train.jsonl"), os.path.join(out_dir, "eval.jsonl")
+    if os.path.isfile(train_path) and os.path.isfile(eval_path):
+        return train_path, eval_path
+
+    root = os.fspath(source_dir or sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+    files = []
+    for dirpath, dirnames, names in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in skip]
+        files += [os.path.relpath(os.path.join(dirpath, n), root) for n in names if n.endswith(".py")]
+    files.sort()
+    texts = {}
+    for rel in files:
+        try:
+            with open(os.path.join(root, rel), "rb") as f:
+                texts[rel] = f.read().decode("utf-8")
+        except UnicodeDecodeError:  # a few legacy modules declare another coding: leave them out
+            continue
+
+    big = [rel for rel in texts if len(texts[rel].encode("utf-8")) >= min_eval_bytes]
+    if len(big) < n_eval_files or len(texts) <= n_eval_files:
+        raise UsageError(f"{root}: only {len(big)} .py files of >= {min_eval_bytes} bytes "
+                         f"({len(texts)} in all), {n_eval_files} wanted for evaluation")
+    step = len(big) // n_eval_files
+    held_out = set(big[step // 2::step][:n_eval_files])
+
+    os.makedirs(out_dir, exist_ok=True)
+    with _atomic([train_path, eval_path]) as (train_tmp, eval_tmp), \
+            open(train_tmp, "w", encoding="utf-8") as train_f, open(eval_tmp, "w", encoding="utf-8") as eval_f:
+        for rel, text in texts.items():
+            line = json.dumps({"path": rel.replace(os.sep, "/"), "text": text}) + "\n"
+            (eval_f if rel in held_out else train_f).write(line)
+    return train_path, eval_path
+
+
+def prepare_toy_data(out_dir: str | os.PathLike, tokenizer: Tokenizer | str = "bytes") -> str:
+    """The stdlib corpus, tokenized: returns the prefix of out_dir/train.bin/.idx (built once, then reused).
+
+    A sentencepiece tokenizer gets its own prefix, train-<model name>, so the two never mix.
+    """
+    tokenizer = _as_tokenizer(tokenizer)
+    train_jsonl, _ = stdlib_corpus(out_dir)
+    name = "train" if tokenizer.path is None else f"train-{os.path.splitext(os.path.basename(tokenizer.path))[0]}"
+    prefix = os.path.join(os.fspath(out_dir), name)
+    if not IndexedDataset.exists(prefix):
+        preprocess([train_jsonl], tokenizer, prefix)
+    return prefix

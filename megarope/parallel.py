@@ -1,0 +1,111 @@
+"""Process groups and devices: torch.distributed plus megatron's parallel state (TP, CP, DP, PP).
+
+Rank and world size come from torchrun (RANK/WORLD_SIZE/LOCAL_RANK) or from Slurm
+(SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID); a plain process is a world of one.
+NCCL on GPUs, gloo on CPUs.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.utils import get_batch_on_this_cp_rank
+
+from megarope import compat
+from megarope.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int
+    cp: int
+    pp: int
+    dp: int
+    world: int
+    rank: int
+
+    def describe(self) -> str:
+        return f"world {self.world} = TP {self.tp} x CP {self.cp} x PP {self.pp} x DP {self.dp}"
+
+
+def _env_rank_world() -> tuple[int, int, int]:
+    if "RANK" in os.environ:  # torchrun
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    if "SLURM_PROCID" in os.environ and "MASTER_ADDR" in os.environ:  # srun, one task per device
+        return int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"]), int(os.environ.get("SLURM_LOCALID", 0))
+    return 0, 1, 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def check_sizes(world: int, tp: int, cp: int, pp: int = 1) -> None:
+    for name, size in (("tp", tp), ("cp", cp), ("pp", pp)):
+        if size < 1:
+            raise UsageError(f"parallel.{name} must be >= 1, got {size}")
+    if world % (tp * cp * pp):
+        raise UsageError(f"world size {world} is not divisible by TP*CP*PP = {tp}*{cp}*{pp}")
+
+
+def init(tp: int = 1, cp: int = 1, pp: int = 1, seed: int = 1234) -> Layout:
+    """Start torch.distributed (if needed) and megatron's parallel state; seed every RNG."""
+    compat.apply()
+    if not dist.is_initialized():
+        rank, world, local_rank = _env_rank_world()
+        check_sizes(world, tp, cp, pp)
+        if world == 1:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=rank, world_size=world)
+    world = dist.get_world_size()
+    check_sizes(world, tp, cp, pp)
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                             context_parallel_size=cp)
+    seed_everything(seed)
+    return Layout(tp, cp, pp, world // (tp * cp * pp), world, dist.get_rank())
+
+
+def seed_everything(seed: int) -> None:
+    """Same seed on every rank: weights are built whole on the CPU and then split, so every layout
+    starts from identical parameters."""
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    else:
+        tensor_parallel.random.initialize_rng_tracker(force_reset=True)
+
+
+def destroy() -> None:
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def cp_group():
+    return parallel_state.get_context_parallel_group()
+
+
+def slice_for_cp(batch: dict) -> dict:
+    """Keep this CP rank's two chunks of every [batch, seq] tensor (megatron's load-balanced order)."""
+    return get_batch_on_this_cp_rank(dict(batch), is_hybrid_cp=False, cp_group=cp_group())
+
+
+def is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
