@@ -20,15 +20,18 @@ import multiprocessing
 import os
 import sysconfig
 import tempfile
+import warnings
 from abc import abstractmethod
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 
+import sentencepiece
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder
 from megatron.core.datasets.utils import Split
 from megatron.core.tokenizers import MegatronTokenizerBase
+from tqdm import tqdm
 
 from megarope.errors import UsageError
 
@@ -112,8 +115,6 @@ class SentencePieceTokenizer(Tokenizer):
     name = "sentencepiece"
 
     def __init__(self, path: str):
-        import sentencepiece
-
         super().__init__(path=os.path.abspath(path), config={})
         try:
             self._sp = sentencepiece.SentencePieceProcessor(model_file=self.path)
@@ -161,21 +162,31 @@ def train_sentencepiece(input_files: Sequence[str | os.PathLike], vocab_size: in
     and long documents keep their layout), unk 0 / bos 1 / eos 2 / no pad. Sentencepiece learns from lines,
     so documents are fed line by line, and at most `max_sentences` lines, sampled, keep training quick.
     """
-    import sentencepiece
-
     if vocab_size < 260:
         raise UsageError(f"tokenizer vocab size must be at least 260 (256 bytes + specials), got {vocab_size}")
-    lines = (line for doc in iter_documents(input_files) for line in doc.splitlines() if line.strip())
+    files = _input_files(input_files)
+    failure = []  # sentencepiece turns our iterator's exceptions into RuntimeError text: keep the original
+
+    def lines():
+        try:
+            for doc in iter_documents(files):
+                yield from (line for line in doc.splitlines() if line.strip())
+        except UsageError as e:
+            failure.append(e)
+            raise
+
     model = io.BytesIO()
     try:
         sentencepiece.SentencePieceTrainer.train(
-            sentence_iterator=lines, model_writer=model, vocab_size=vocab_size, model_type="bpe",
+            sentence_iterator=lines(), model_writer=model, vocab_size=vocab_size, model_type="bpe",
             byte_fallback=True, split_digits=True, allow_whitespace_only_pieces=True,
             normalization_rule_name="identity", remove_extra_whitespaces=False, character_coverage=0.99995,
             unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
             input_sentence_size=max_sentences, shuffle_input_sentence=True,
             num_threads=os.cpu_count() or 1, minloglevel=2)
     except RuntimeError as e:  # e.g. "Vocabulary size is smaller than required_chars. 300 vs 344. ..."
+        if failure:
+            raise failure[0] from None
         raise UsageError(f"sentencepiece training failed: {str(e).split('] ')[-1]}") from None
     path = os.fspath(model_prefix) + ".model"
     with _atomic([path]) as (tmp,), open(tmp, "wb") as f:
@@ -275,16 +286,15 @@ def preprocess(inputs: Sequence[str | os.PathLike], tokenizer: Tokenizer | str |
     if train_tokenizer_vocab is not None:
         tokenizer = load_tokenizer(train_sentencepiece(files, train_tokenizer_vocab, output_prefix + ".tokenizer"))
 
-    from tqdm import tqdm
-
     documents = tokens = 0
-    pool = multiprocessing.Pool(workers, _worker_init, (tokenizer.spec,)) if workers > 1 else contextlib.nullcontext()
-    with pool, _atomic([output_prefix + ".bin", output_prefix + ".idx"]) as (bin_tmp, idx_tmp):
+    outputs = [output_prefix + ".bin", output_prefix + ".idx"]
+    pool = multiprocessing.Pool(workers, _worker_init, (tokenizer.spec,)) if workers > 1 else None
+    with pool or contextlib.nullcontext(), _atomic(outputs) as (bin_tmp, idx_tmp):
         # uint16 tokens when the vocabulary allows: half the disk and page cache of int32
         builder = IndexedDatasetBuilder(bin_tmp, dtype=DType.optimal_dtype(tokenizer.vocab_size))
         with contextlib.closing(builder.data_file):  # finalize closes it too; this covers the failures
             texts = iter_documents(files)
-            encoded = pool.imap(_worker_encode, texts, chunksize=16) if workers > 1 else map(tokenizer.encode, texts)
+            encoded = pool.imap(_worker_encode, texts, chunksize=16) if pool else map(tokenizer.encode, texts)
             # disable=None: a bar on a terminal, silence in logs and pipes
             for ids in tqdm(encoded, desc=f"tokenizing -> {output_prefix}", unit=" docs", disable=None):
                 if not ids:
@@ -349,7 +359,9 @@ def build_gpt_dataset(paths_and_weights, seq_len: int, num_samples: int | None, 
     sizes = [num_samples if s == split else None for s in Split]
     # is_built_on_rank=True everywhere: without torch.distributed this process builds (and caches) the
     # indices; with it, megatron builds on rank 0 first, then the other ranks read the cache
-    datasets = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
+    with warnings.catch_warnings():  # megatron warns that it "could not determine rank" when there is none
+        warnings.filterwarnings("ignore", message="Could not determine rank")
+        datasets = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
     return datasets[split.value]
 
 
