@@ -141,7 +141,7 @@ class SentencePieceTokenizer(Tokenizer):
 
 
 def load_tokenizer(spec: str | os.PathLike) -> Tokenizer:
-    """"bytes" for the byte-level tokenizer, otherwise the path of a sentencepiece .model file."""
+    """The tokenizer that `spec` names: "bytes" (byte-level), or else the path of a sentencepiece .model."""
     spec = os.fspath(spec)
     if spec == "bytes":
         return ByteTokenizer()
@@ -269,8 +269,10 @@ def preprocess(inputs: Sequence[str | os.PathLike], tokenizer: Tokenizer | str |
                train_tokenizer_vocab: int | None = None, workers: int = 1) -> dict:
     """Tokenize every document, end each with EOD, and write megatron's output_prefix.bin/.idx.
 
-    With `train_tokenizer_vocab`, first train output_prefix.tokenizer.model on the same inputs and use it.
-    Empty documents are skipped (as megatron's preprocess_data.py does). Returns a summary dict.
+    With `train_tokenizer_vocab`, first train output_prefix.tokenizer.model on the same inputs and use it
+    (a finished tokenizer stays even if tokenizing fails later). Empty documents are skipped, as megatron's
+    tools/preprocess_data.py does. No BOS is added: EOD alone separates documents, as there.
+    Returns a summary dict (documents, tokens, prefix, bin, idx, tokenizer spec, vocab_size).
     """
     output_prefix = os.fspath(output_prefix)
     files = _input_files(inputs)  # fail on a missing input before anything is written
@@ -351,16 +353,16 @@ def build_gpt_dataset(paths_and_weights, seq_len: int, num_samples: int | None, 
             cache_dir = os.path.join(tempfile.gettempdir(), "megarope-cache")
     # blend_per_split rather than blend + split string: the whole of each prefix serves the one split asked for
     blend = (prefixes, weights if len(prefixes) > 1 else None)
-    config = GPTDatasetConfig(
-        random_seed=seed, sequence_length=seq_len, tokenizer=tokenizer, path_to_cache=cache_dir,
-        blend_per_split=[blend if s == split else None for s in Split],
-        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
-        create_attention_mask=False)  # our core attention is causal by construction: no mask tensors
     sizes = [num_samples if s == split else None for s in Split]
-    # is_built_on_rank=True everywhere: without torch.distributed this process builds (and caches) the
-    # indices; with it, megatron builds on rank 0 first, then the other ranks read the cache
-    with warnings.catch_warnings():  # megatron warns that it "could not determine rank" when there is none
+    with warnings.catch_warnings():  # megatron's logging warns it "could not determine rank" when there is none
         warnings.filterwarnings("ignore", message="Could not determine rank")
+        config = GPTDatasetConfig(
+            random_seed=seed, sequence_length=seq_len, tokenizer=tokenizer, path_to_cache=cache_dir,
+            blend_per_split=[blend if s == split else None for s in Split],
+            reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
+            create_attention_mask=False)  # our core attention is causal by construction: no mask tensors
+        # is_built_on_rank=True everywhere: without torch.distributed this process builds (and caches) the
+        # indices; with it, megatron builds on rank 0 first, then the other ranks read the cache
         datasets = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
     return datasets[split.value]
 
@@ -391,10 +393,12 @@ def stdlib_corpus(out_dir: str | os.PathLike, n_eval_files: int = 20, min_eval_b
     files.sort()
     texts = {}
     for rel in files:
+        with open(os.path.join(root, rel), "rb") as f:
+            raw = f.read()
         try:
-            with open(os.path.join(root, rel), "rb") as f:
-                texts[rel] = f.read().decode("utf-8")
-        except UnicodeDecodeError:  # a few legacy modules declare another coding: leave them out
+            if raw:  # empty __init__.py files are no documents
+                texts[rel] = raw.decode("utf-8")
+        except UnicodeDecodeError:  # a module that declares another coding: leave it out
             continue
 
     big = [rel for rel in texts if len(texts[rel].encode("utf-8")) >= min_eval_bytes]

@@ -88,7 +88,9 @@ def seed_everything(seed: int) -> None:
     if torch.cuda.is_available():
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
     else:
-        tensor_parallel.random.initialize_rng_tracker(force_reset=True)
+        # megatron forks a CUDA generator around dropout in TP regions; LLaMA has no dropout and a
+        # CPU has no CUDA generator, so use megatron's tracker whose fork is a no-op.
+        tensor_parallel.random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
 
 
 def destroy() -> None:

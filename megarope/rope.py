@@ -78,7 +78,7 @@ def dynamic_ntk_base(base: float, seq_len: int, train_len: int, rotary_dim: int,
 def log_scale_factors(positions: torch.Tensor, t_ref: int) -> torch.Tensor:
     """Log-scaled attention: max(1, ln t / ln T_ref) for 1-based positions t = positions + 1."""
     t = positions.to(torch.float64) + 1
-    return torch.clamp(torch.log(t) / math.log(t_ref), min=1.0).to(torch.float32)
+    return torch.clamp(torch.log(t) / math.log(t_ref), min=1.0)  # float64: the caller casts
 
 
 class RotaryEmbedding(_McoreRotary):
@@ -110,8 +110,8 @@ class RotaryEmbedding(_McoreRotary):
         return 1.0 / (base ** (exponents / self.rotary_dim))
 
     def forward(self, max_seq_len: int, offset: int = 0, packed_seq: bool = False, cp_group=None) -> torch.Tensor:
-        device = torch.cuda.current_device()
-        if self.inv_freq.device != torch.device(device):
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        if self.inv_freq.device != device:
             self.inv_freq = self.inv_freq.to(device)
         positions = torch.arange(max_seq_len, device=self.inv_freq.device, dtype=torch.float32) + offset
         if self.seq_len_interpolation_factor is not None:

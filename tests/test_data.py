@@ -1,0 +1,325 @@
+import json
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from megatron.core.datasets.indexed_dataset import IndexedDataset
+from megatron.core.tokenizers import MegatronTokenizerBase
+
+from megarope import data
+from megarope.cli import main
+from megarope.errors import UsageError
+
+# megatron's logging warns on every read without torch.distributed; that is expected here
+pytestmark = pytest.mark.filterwarnings("ignore:Could not determine rank")
+
+WORDS = "the a cat sat on mat and dog ran to hat at an ton rat tan".split()
+
+
+def write_jsonl(path, texts):
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    return path
+
+
+def toy_texts(n, seed=0, words=WORDS):
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(5, 40))) + "\n" for _ in range(n)]
+
+
+def files_under(path):
+    return sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
+
+
+# ----------------------------------------------------------------------------------------------- tokenizers
+def test_byte_tokenizer_round_trip():
+    tok = data.load_tokenizer("bytes")
+    assert isinstance(tok, MegatronTokenizerBase)
+    assert (tok.vocab_size, tok.eod, tok.bos, tok.name, tok.path, tok.spec) == (257, 256, None, "bytes", None, "bytes")
+    text = "def f(x):\n\treturn  x * 2  # é, 漢字, 🙂\n"
+    ids = tok.encode(text)
+    assert ids == list(text.encode("utf-8")) and max(ids) < 256
+    assert tok.decode(ids) == text
+    assert tok.decode(ids + [tok.eod]) == text  # EOD decodes to nothing
+    assert tok.tokenize(text) == ids and tok.detokenize(ids) == text  # megatron's names
+    assert len(tok.vocab) == 257
+
+
+def test_sentencepiece_train_load_round_trip(tmp_path):
+    corpus = write_jsonl(tmp_path / "c.jsonl", toy_texts(300))
+    model = data.train_sentencepiece([corpus], 300, str(tmp_path / "sp"))
+    assert model == str(tmp_path / "sp.model")
+    assert files_under(tmp_path) == ["c.jsonl", "sp.model"]  # no temp file left behind
+
+    tok = data.load_tokenizer(model)
+    assert isinstance(tok, MegatronTokenizerBase)
+    assert (tok.vocab_size, tok.bos, tok.eod, tok.name) == (300, 1, 2, "sentencepiece")
+    assert tok.path == os.path.abspath(model) and data.load_tokenizer(tok.spec).vocab_size == 300
+    seen = "the cat sat on the mat\n"
+    assert tok.decode(tok.encode(seen)) == seen
+    assert len(tok.encode(seen)) < len(seen) // 2  # merges were learned
+    unseen = "Zoë's  2 dogs\tran 42 km\n"  # unseen characters, digits, double spaces, tab
+    ids = tok.encode(unseen)
+    assert 0 not in ids  # byte fallback: never <unk>
+    assert tok.decode(ids) == unseen and tok.decode(ids + [tok.eod]) == unseen
+
+
+def test_sentencepiece_vocab_too_small_is_a_usage_error(tmp_path):
+    corpus = write_jsonl(tmp_path / "c.jsonl", ["".join(map(chr, range(0x4E00, 0x4E00 + 200)))])
+    with pytest.raises(UsageError, match="sentencepiece training failed"):
+        data.train_sentencepiece([corpus], 300, str(tmp_path / "sp"))
+    with pytest.raises(UsageError, match="at least 260"):
+        data.train_sentencepiece([corpus], 100, str(tmp_path / "sp"))
+    assert files_under(tmp_path) == ["c.jsonl"]
+
+
+@pytest.mark.parametrize("content", [b"not a model", None])
+def test_bad_tokenizer_spec(tmp_path, content):
+    path = tmp_path / "tokenizer.model"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(UsageError, match="tokenizer"):
+        data.load_tokenizer(str(path))
+
+
+# ----------------------------------------------------------------------------------------------- raw text
+def test_iter_documents_files_and_directories(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", ["one", "two"])
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    (tmp_path / "d" / "z.txt").write_text("zed\n")
+    (tmp_path / "d" / "sub" / "b.jsonl").write_text('{"text": "bee"}\n\n{"text": "b2", "id": 7}\n')
+    (tmp_path / "d" / "ignored.csv").write_text("x,y\n")
+    (tmp_path / "plain.md").write_text("# whole file\n\nis one document\n")
+    docs = list(data.iter_documents([tmp_path / "a.jsonl", tmp_path / "d", tmp_path / "plain.md"]))
+    assert docs == ["one", "two", "bee", "b2", "zed\n", "# whole file\n\nis one document\n"]
+
+
+@pytest.mark.parametrize("lines, words", [
+    ('{"text": "ok"}\n{"txt": "no"}\n', "bad.jsonl:2"),
+    ('{"text": "ok"}\n{"text": 5}\n', "bad.jsonl:2"),
+    ('{"text": "ok"}\n{oops\n', "bad.jsonl:2: not JSON"),
+])
+def test_iter_documents_bad_jsonl_line(tmp_path, lines, words):
+    (tmp_path / "bad.jsonl").write_text(lines)
+    with pytest.raises(UsageError, match=words):
+        list(data.iter_documents([tmp_path / "bad.jsonl"]))
+
+
+def test_iter_documents_missing_inputs(tmp_path):
+    with pytest.raises(UsageError, match="input not found: .*nope.jsonl"):
+        list(data.iter_documents([tmp_path / "nope.jsonl"]))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match="no .txt, .jsonl or .json files"):
+        list(data.iter_documents([tmp_path / "empty"]))
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    with pytest.raises(UsageError, match="not UTF-8"):
+        list(data.iter_documents([tmp_path / "latin1.txt"]))
+
+
+# ----------------------------------------------------------------------------------------------- preprocess
+def test_preprocess_bytes_writes_megatron_indexed_dataset(tmp_path):
+    texts = ["hello", "", "wörld\n"]  # the empty document is skipped
+    write_jsonl(tmp_path / "a.jsonl", texts)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "b.txt").write_text("file doc")
+    out = tmp_path / "out" / "ds"
+    summary = data.preprocess([tmp_path / "a.jsonl", tmp_path / "d"], "bytes", str(out))
+
+    expected = [list(t.encode()) + [256] for t in ["hello", "wörld\n", "file doc"]]
+    assert summary == {"documents": 3, "tokens": sum(map(len, expected)), "prefix": str(out),
+                       "bin": f"{out}.bin", "idx": f"{out}.idx", "tokenizer": "bytes", "vocab_size": 257}
+    ds = IndexedDataset(str(out))
+    assert len(ds) == 3 and ds.index.dtype == np.uint16
+    assert [ds[i].tolist() for i in range(3)] == expected
+    assert list(ds.document_indices) == [0, 1, 2, 3]  # one sequence per document
+    assert files_under(tmp_path / "out") == ["ds.bin", "ds.idx"]
+
+
+def test_preprocess_with_workers_is_identical(tmp_path):
+    corpus = write_jsonl(tmp_path / "c.jsonl", toy_texts(200))
+    data.preprocess([corpus], "bytes", str(tmp_path / "one"))
+    data.preprocess([corpus], "bytes", str(tmp_path / "two"), workers=2)
+    for suffix in (".bin", ".idx"):
+        assert (tmp_path / f"one{suffix}").read_bytes() == (tmp_path / f"two{suffix}").read_bytes()
+
+
+def test_preprocess_trains_tokenizer(tmp_path):
+    texts = toy_texts(300)
+    corpus = write_jsonl(tmp_path / "c.jsonl", texts)
+    summary = data.preprocess([corpus], None, str(tmp_path / "ds"), train_tokenizer_vocab=300)
+    model = str(tmp_path / "ds.tokenizer.model")
+    assert summary["tokenizer"] == model and summary["vocab_size"] == 300 and summary["documents"] == 300
+    tok = data.load_tokenizer(model)
+    ds = IndexedDataset(str(tmp_path / "ds"))
+    assert ds[0].tolist() == tok.encode(texts[0]) + [2]  # LLaMA-like: eos (2) ends each document
+    assert sum(len(ds[i]) for i in range(len(ds))) == summary["tokens"] < sum(map(len, texts))
+
+
+def test_preprocess_failure_leaves_old_outputs_and_no_temp_files(tmp_path):
+    data.preprocess([write_jsonl(tmp_path / "good.jsonl", ["old"])], "bytes", str(tmp_path / "ds"))
+    before = {p: (tmp_path / p).read_bytes() for p in ("ds.bin", "ds.idx")}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "new"}\n' * 50 + '{"no_text": 1}\n')
+    for workers in (1, 2):
+        with pytest.raises(UsageError, match="bad.jsonl:51"):
+            data.preprocess([bad], "bytes", str(tmp_path / "ds"), workers=workers)
+        assert files_under(tmp_path) == ["bad.jsonl", "ds.bin", "ds.idx", "good.jsonl"]
+        assert {p: (tmp_path / p).read_bytes() for p in before} == before
+    with pytest.raises(UsageError, match="no text"):
+        data.preprocess([write_jsonl(tmp_path / "empty.jsonl", ["", ""])], "bytes", str(tmp_path / "e"))
+    with pytest.raises(UsageError, match="not both"):
+        data.preprocess([bad], "bytes", str(tmp_path / "e"), train_tokenizer_vocab=300)
+    assert not any(name.startswith("e.") for name in files_under(tmp_path))
+
+
+# ----------------------------------------------------------------------------------------------- GPTDataset
+@pytest.fixture
+def two_prefixes(tmp_path):
+    """Two byte-level datasets that can be told apart by their letters: all 'a...' and all 'b...'."""
+    a = data.preprocess([write_jsonl(tmp_path / "a.jsonl", ["a" * n for n in range(50, 90)])], "bytes",
+                        str(tmp_path / "a"))
+    b = data.preprocess([write_jsonl(tmp_path / "b.jsonl", ["b" * n for n in range(50, 90)])], "bytes",
+                        str(tmp_path / "b"))
+    return a["prefix"], b["prefix"]
+
+
+def test_build_gpt_dataset_samples(tmp_path):
+    corpus = write_jsonl(tmp_path / "c.jsonl", toy_texts(100))
+    prefix = data.preprocess([corpus], "bytes", str(tmp_path / "ds"))["prefix"]
+    tok = data.load_tokenizer("bytes")
+    ds = data.build_gpt_dataset(prefix, 64, 40, 1234, tok, cache_dir=str(tmp_path / "cache"))
+    assert type(ds).__name__ == "GPTDataset" and len(ds) >= 40  # megatron builds whole epochs
+    for i in (0, 1, 39):
+        sample = ds[i]
+        assert set(sample) == {"tokens", "labels", "loss_mask", "position_ids"}
+        assert all(v.shape == (64,) for v in sample.values())
+        assert sample["labels"][:-1].tolist() == sample["tokens"][1:].tolist()
+        assert sample["position_ids"].tolist() == list(range(64))
+        assert sample["loss_mask"].sum() == 64
+        assert int(sample["tokens"].max()) <= 256
+    assert any(name.endswith("GPTDataset-train-shuffle_index.npy") for name in os.listdir(tmp_path / "cache"))
+
+    again = data.build_gpt_dataset(prefix, 64, 40, 1234, "bytes", cache_dir=str(tmp_path / "cache"))
+    other = data.build_gpt_dataset(prefix, 64, 40, 99, "bytes", cache_dir=str(tmp_path / "cache"))
+    assert all(ds[i]["tokens"].tolist() == again[i]["tokens"].tolist() for i in range(40))
+    assert any(ds[i]["tokens"].tolist() != other[i]["tokens"].tolist() for i in range(40))
+
+
+def test_build_gpt_dataset_default_cache_beside_data(two_prefixes, tmp_path):
+    ds = data.build_gpt_dataset(two_prefixes[0], 16, 10, 0, "bytes", split_name="valid")
+    assert len(ds) >= 10 and ds[0]["tokens"].shape == (16,)
+    assert any("GPTDataset-valid" in name for name in os.listdir(tmp_path / ".cache"))
+
+
+def test_blend_follows_weights(two_prefixes, tmp_path):
+    a, b = two_prefixes
+    ds = data.build_gpt_dataset([(a, 3.0), (b, 1.0)], 32, 400, 7, "bytes", cache_dir=str(tmp_path / "cache"))
+    assert len(ds) == 400
+    from_a = 0
+    for i in range(len(ds)):
+        letters = set(ds[i]["tokens"].tolist()) - {256}
+        assert letters in ({ord("a")}, {ord("b")})  # each sample comes from one dataset
+        from_a += letters == {ord("a")}
+    assert from_a / len(ds) == pytest.approx(0.75, abs=0.02)
+
+
+def test_build_gpt_dataset_bad_inputs(two_prefixes, tmp_path):
+    a, _ = two_prefixes
+    with pytest.raises(UsageError, match="prefix .*nowhere"):
+        data.build_gpt_dataset([a, str(tmp_path / "nowhere")], 32, 10, 0, "bytes")
+    with pytest.raises(UsageError, match="positive"):
+        data.build_gpt_dataset([(a, 1.0), (a, 0.0)], 32, 10, 0, "bytes")
+    with pytest.raises(UsageError, match="split"):
+        data.build_gpt_dataset(a, 32, 10, 0, "bytes", split_name="dev")
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+def test_cli_preprocess(tmp_path, capsys):
+    corpus = write_jsonl(tmp_path / "c.jsonl", ["abc", "de"])
+    assert main(["preprocess", "--input", str(corpus), "--tokenizer", "bytes",
+                 "--output-prefix", str(tmp_path / "ds")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "2 documents, 7 tokens" in out and str(tmp_path / "ds.bin") in out
+    ds = IndexedDataset(str(tmp_path / "ds"))  # keep it alive: its arrays are views of an mmap it closes on del
+    assert ds[1].tolist() == [100, 101, 256]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--input", "{d}/missing.jsonl", "--tokenizer", "bytes"], "input not found"),
+    (["--input", "{d}/c.jsonl", "--tokenizer", "{d}/missing.model"], "tokenizer not found"),
+    (["--input", "{d}/c.jsonl"], "exactly one of --tokenizer and --train-tokenizer"),
+    (["--input", "{d}/c.jsonl", "--tokenizer", "bytes", "--train-tokenizer", "300"], "exactly one"),
+    (["--input", "{d}/c.jsonl", "--tokenizer", "bytes", "--workers", "0"], "must be positive"),
+])
+def test_cli_preprocess_bad_input(tmp_path, capsys, args, words):
+    write_jsonl(tmp_path / "c.jsonl", ["abc"])
+    argv = ["preprocess", *[a.format(d=tmp_path) for a in args], "--output-prefix", str(tmp_path / "ds")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and words in err
+    assert files_under(tmp_path) == ["c.jsonl"]
+
+
+def test_cli_preprocess_bad_line_in_a_fresh_process(tmp_path):
+    (tmp_path / "c.jsonl").write_text('{"text": "fine"}\n{"body": "no text"}\n')
+    r = subprocess.run([sys.executable, "-m", "megarope", "preprocess", "--input", str(tmp_path / "c.jsonl"),
+                        "--tokenizer", "bytes", "--output-prefix", str(tmp_path / "ds")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and "c.jsonl:2" in r.stderr  # megatron's import noise is silenced
+    assert files_under(tmp_path) == ["c.jsonl"]
+
+
+# ----------------------------------------------------------------------------------------------- corpora
+def test_stdlib_corpus_is_deterministic_and_idempotent(tmp_path):
+    train, eval_ = data.stdlib_corpus(tmp_path / "one")
+    evals = [json.loads(line) for line in open(eval_)]
+    trains = [json.loads(line) for line in open(train)]
+    assert len(evals) == 20 and all(len(d["text"].encode()) >= 8192 for d in evals)
+    assert len(trains) > 200
+    paths = [d["path"] for d in trains + evals]
+    assert len(set(paths)) == len(paths) and not any("site-packages" in p for p in paths)
+    assert [d["path"] for d in trains] == sorted(d["path"] for d in trains)
+
+    again = data.stdlib_corpus(tmp_path / "two")
+    assert [open(p, "rb").read() for p in again] == [open(p, "rb").read() for p in (train, eval_)]
+
+    os.utime(train, (0, 0))
+    assert data.stdlib_corpus(tmp_path / "one", n_eval_files=3) == (train, eval_)  # present: not rewritten
+    assert os.stat(train).st_mtime == 0
+
+
+def test_stdlib_corpus_selection_rules(tmp_path):
+    src = tmp_path / "lib"
+    for i in range(12):
+        (src / "pkg").mkdir(parents=True, exist_ok=True)
+        (src / "pkg" / f"m{i:02}.py").write_text(f"# module {i}\n" + "x = 1\n" * (50 * i))
+    for skipped in ("site-packages", "test", "pkg/tests"):
+        (src / skipped).mkdir(parents=True, exist_ok=True)
+        (src / skipped / "big.py").write_text("y = 2\n" * 1000)
+    (src / "latin.py").write_bytes("# coding: latin-1\ns = 'café'\n".encode("latin-1"))
+    (src / "notes.txt").write_text("not python")
+
+    train, eval_ = data.stdlib_corpus(tmp_path / "out", n_eval_files=3, min_eval_bytes=1500, source_dir=src)
+    eval_paths = [json.loads(line)["path"] for line in open(eval_)]
+    train_paths = [json.loads(line)["path"] for line in open(train)]
+    big = [f"pkg/m{i:02}.py" for i in range(5, 12)]  # m05.py and up have >= 1500 bytes
+    assert eval_paths == big[1::2][:3] == ["pkg/m06.py", "pkg/m08.py", "pkg/m10.py"]
+    assert sorted(train_paths + eval_paths) == [f"pkg/m{i:02}.py" for i in range(12)]
+    assert files_under(tmp_path / "out") == ["eval.jsonl", "train.jsonl"]
+
+    with pytest.raises(UsageError, match="only 7 .py files"):
+        data.stdlib_corpus(tmp_path / "out2", n_eval_files=8, min_eval_bytes=1500, source_dir=src)
+    assert not (tmp_path / "out2").exists()
+
+
+def test_prepare_toy_data_is_idempotent(tmp_path):
+    prefix = data.prepare_toy_data(tmp_path)
+    assert prefix == str(tmp_path / "train")
+    ds = IndexedDataset(prefix)
+    n_train = sum(1 for _ in open(tmp_path / "train.jsonl"))
+    assert len(ds) == n_train and all(ds[i][-1] == 256 for i in (0, len(ds) - 1))
+    os.utime(prefix + ".bin", (0, 0))
+    assert data.prepare_toy_data(tmp_path) == prefix and os.stat(prefix + ".bin").st_mtime == 0

@@ -1,0 +1,114 @@
+"""TP=2 with sequence parallel, and CP=2, give one process's loss and gradients (gloo, 2 processes)."""
+
+import pytest
+import torch
+import torch.distributed as dist
+from distributed import run_distributed
+
+from megarope import loss as L
+from megarope import model as M
+from megarope import parallel
+from megarope.rope import RopeConfig
+
+SEQ = 128
+ROPES = {
+    "base 1e6": RopeConfig(base=1e6, train_len=64),
+    "dynamic NTK + log-scaled": RopeConfig(base=500.0, train_len=64, dynamic_ntk=True, log_scale_ref=32),
+}
+
+
+def _batch():
+    tokens = torch.randint(0, 257, (2, SEQ + 1), generator=torch.Generator().manual_seed(0))
+    return {"tokens": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous(),
+            "position_ids": torch.arange(SEQ).expand(2, SEQ).contiguous()}
+
+
+def _full_grad(name, param, tp_group, tp):
+    """Reassemble a TP-sharded gradient into the single-process layout."""
+    grad = param.grad
+    if not getattr(param, "tensor_model_parallel", False) or tp == 1:
+        return grad
+    shards = [torch.empty_like(grad) for _ in range(tp)]
+    dist.all_gather(shards, grad.contiguous(), group=tp_group)
+    if name.endswith("mlp.linear_fc1.weight"):  # SwiGLU: each shard holds [gate_i; up_i]
+        halves = [s.chunk(2, dim=0) for s in shards]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+    return torch.cat(shards, dim=param.partition_dim)
+
+
+def loss_and_grads(tp=1, cp=1, sp=False):
+    from megatron.core import parallel_state
+
+    parallel.init(tp=tp, cp=cp)
+    out = {}
+    for label, rope in ROPES.items():
+        parallel.seed_everything(1234)
+        model = M.build_model(M.get_preset("toy"), rope, sequence_parallel=sp)
+        batch = parallel.slice_for_cp(_batch())
+        losses, _ = L.token_losses(model, batch["tokens"], batch["labels"], batch["position_ids"])
+        loss, _ = L.mean_loss(losses, torch.ones_like(losses))
+        loss.backward()
+        grads = {}
+        for name, p in model.named_parameters():
+            g = _full_grad(name, p, parallel_state.get_tensor_model_parallel_group(), tp)
+            if sp and getattr(p, "sequence_parallel", False):  # what finalize_model_grads does
+                g = g.clone()
+                dist.all_reduce(g, group=parallel_state.get_tensor_model_parallel_group())
+            if cp > 1:  # what DDP does over the DP x CP group: average
+                g = g.clone()
+                dist.all_reduce(g, group=parallel_state.get_context_parallel_group())
+                g /= cp
+            grads[name] = g.detach().clone()
+        loss = loss.detach().clone()
+        if cp > 1:
+            dist.all_reduce(loss, group=parallel_state.get_context_parallel_group())
+            loss /= cp
+        out[label] = (loss.item(), grads)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference():
+    try:
+        return loss_and_grads()
+    finally:
+        parallel.destroy()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [dict(tp=2, sp=True), dict(cp=2)], ids=["tp2-sp", "cp2"])
+def test_parallel_layout_matches_one_process(reference, layout):
+    results = run_distributed(loss_and_grads, 2, **layout)
+    for rank_result in results:
+        for label, (loss, grads) in rank_result.items():
+            ref_loss, ref_grads = reference[label]
+            assert loss == pytest.approx(ref_loss, abs=1e-5), label
+            for name, grad in grads.items():
+                torch.testing.assert_close(grad, ref_grads[name], atol=1e-6, rtol=1e-4, msg=f"{label}: {name}")
+
+
+def test_presets_have_the_published_shapes():
+    seven = M.get_preset("llama2-7b")
+    assert (seven.num_layers, seven.hidden_size, seven.head_dim, seven.ffn_hidden_size) == (32, 4096, 128, 11008)
+    assert M.get_preset("llama2-13b").head_dim == 128
+    assert M.get_preset("toy").head_dim == 32
+    assert M.get_preset("toy").padded_vocab_size == 384
+
+
+def test_unknown_preset_is_a_usage_error():
+    from megarope.errors import UsageError
+
+    with pytest.raises(UsageError, match="unknown model preset"):
+        M.get_preset("gpt5")
+
+
+def test_toy_model_is_about_a_million_parameters():
+    parallel.init()
+    model = M.build_model(M.get_preset("toy"), RopeConfig(base=1e4, train_len=128))
+    assert 0.7e6 < M.count_parameters(model) < 1.2e6
+
+
+def test_fp8_needs_te_backend():
+    parallel.init()
+    with pytest.raises(ValueError, match="Transformer Engine"):
+        M.transformer_config(M.get_preset("toy"), "local", fp8="e4m3")
