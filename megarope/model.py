@@ -65,15 +65,19 @@ def get_preset(name: str, **overrides) -> Preset:
     return replace(PRESETS[name], **overrides)
 
 
-def transformer_config(preset: Preset, backend: str = "local", dtype: torch.dtype = torch.float32,
-                       sequence_parallel: bool = False, recompute: bool = False,
-                       fp8: str | None = None, fp8_recipe: str = "delayed") -> TransformerConfig:
+def transformer_config(preset: Preset, backend: str = "local", **kwargs) -> TransformerConfig:
     """The megatron TransformerConfig of a LLaMA decoder: RMSNorm, SwiGLU, no biases, GQA."""
+    return TransformerConfig(**transformer_config_kwargs(preset, backend, **kwargs))
+
+
+def transformer_config_kwargs(preset: Preset, backend: str = "local", dtype: torch.dtype = torch.float32,
+                              sequence_parallel: bool = False, recompute: bool = False,
+                              fp8: str | None = None, fp8_recipe: str = "delayed") -> dict:
     if backend not in spec.BACKENDS:
         raise ValueError(f"backend must be one of {spec.BACKENDS}, got {backend!r}")
     if fp8 and backend != "te":
         raise ValueError("FP8 needs the Transformer Engine backend (backend: te)")
-    return TransformerConfig(
+    return dict(
         num_layers=preset.num_layers, hidden_size=preset.hidden_size, num_attention_heads=preset.num_heads,
         num_query_groups=preset.num_query_groups, ffn_hidden_size=preset.ffn_hidden_size,
         kv_channels=preset.head_dim, normalization="RMSNorm", layernorm_epsilon=preset.norm_eps,

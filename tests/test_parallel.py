@@ -1,0 +1,37 @@
+import pytest
+import torch
+
+from megarope import parallel
+from megarope.errors import UsageError
+
+
+def test_world_must_divide_by_model_parallel_sizes():
+    parallel.check_sizes(8, 2, 2, 2)
+    with pytest.raises(UsageError, match="not divisible"):
+        parallel.check_sizes(6, 4, 1)
+    with pytest.raises(UsageError, match="parallel.cp"):
+        parallel.check_sizes(2, 1, 0)
+
+
+def test_rank_from_torchrun_then_slurm(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "MASTER_ADDR"):
+        monkeypatch.delenv(var, raising=False)
+    assert parallel._env_rank_world() == (0, 1, 0)
+    monkeypatch.setenv("SLURM_PROCID", "5")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    monkeypatch.setenv("MASTER_ADDR", "node0")
+    assert parallel._env_rank_world() == (5, 8, 1)
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert parallel._env_rank_world() == (3, 4, 3)
+
+
+def test_single_process_layout_and_cp_slice_is_identity():
+    layout = parallel.init()
+    assert (layout.tp, layout.cp, layout.dp, layout.world) == (1, 1, 1, 1)
+    assert "TP 1 x CP 1" in layout.describe()
+    batch = {"tokens": torch.arange(8).view(1, 8)}
+    assert torch.equal(parallel.slice_for_cp(batch)["tokens"], batch["tokens"])
+    assert parallel.device() == torch.device("cpu")
