@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from dataclasses import asdict
 
+import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
@@ -124,3 +126,147 @@ def build_from_checkpoint(directory: str, backend: str | None = None, rope_overr
     model = build_model(Preset(**meta["preset"]), rope, backend or meta.get("backend", "local"), **config_kwargs)
     load_model(model, directory)
     return model
+
+
+# ----------------------------------------------------------------------------------------------- training
+# A training run's checkpoint.dir:
+#     step_0000100/      one checkpoint: the model directory above (megarope.json, model/), plus
+#         optimizer/       dist_checkpointing of the optimizer's sharded state (any layout reads it)
+#         rank/            rank_00000.pt ...: each rank's RNG states (torch, CUDA, python, numpy)
+#         train_state.json step, consumed samples, scheduler, NaN skips, the config, the layout
+#     latest             the name of the newest complete checkpoint, replaced atomically after it exists
+#     .step_0000200.partial/   a save in progress (or one killed mid-way): never read, removed on start
+# A step directory is a model checkpoint too: evaluation and init.from read it like any other.
+
+LATEST = "latest"
+TRAIN_STATE = "train_state.json"
+_STEP_DIR = re.compile(r"^step_(\d{7,})$")
+
+
+def step_dir(root: str, step: int) -> str:
+    return os.path.join(root, f"step_{step:07d}")
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def training_checkpoints(root: str) -> list[tuple[int, str]]:
+    """(step, path) of the complete step directories under ``root``, oldest first."""
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in os.listdir(root):
+        match = _STEP_DIR.match(name)
+        path = os.path.join(root, name)
+        if match and os.path.isfile(os.path.join(path, META)) and os.path.isfile(os.path.join(path, TRAIN_STATE)):
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(root: str) -> str | None:
+    """The checkpoint that ``root/latest`` names; without that file, the newest complete step directory."""
+    pointer = os.path.join(root, LATEST)
+    if os.path.isfile(pointer):
+        with open(pointer) as f:
+            name = f.read().strip()
+        path = os.path.join(root, name)
+        if not (_STEP_DIR.match(name) and os.path.isfile(os.path.join(path, TRAIN_STATE))):
+            raise UsageError(f"{pointer} names {name!r}, which is not a complete checkpoint")
+        return path
+    found = training_checkpoints(root)
+    return found[-1][1] if found else None
+
+
+def remove_partial_saves(root: str) -> list[str]:
+    """Delete what interrupted saves left behind (rank 0, before the first save of a run)."""
+    removed = []
+    if _rank0() and os.path.isdir(root):
+        for name in os.listdir(root):
+            if name.startswith(".") and (name.endswith(".partial") or name.endswith(".partial.old")):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+                removed.append(name)
+            elif name.endswith(".tmp") and name.startswith(LATEST):
+                os.remove(os.path.join(root, name))
+    _barrier()
+    return removed
+
+
+def _write_latest(root: str, name: str) -> None:
+    path = os.path.join(root, LATEST)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(root)
+
+
+def _prune(root: str, step: int, keep: int) -> None:
+    """Keep the newest ``keep`` checkpoints up to ``step``; later ones (from a run that was resumed
+    from an earlier step) are left until this run replaces them."""
+    older = [path for s, path in training_checkpoints(root) if s <= step]
+    for path in older[:-keep] if keep > 0 else []:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def save_training(root: str, step: int, model, optimizer, state: dict, rank_state: dict, meta: dict,
+                  keep: int, tokenizer_file: str | None = None) -> str:
+    """Save one training checkpoint atomically, point ``latest`` at it, keep the newest ``keep``.
+
+    Collective: every rank calls it. ``model`` is the bare GPTModel (not its DDP wrapper), so the
+    model part has the keys of save_model's; ``optimizer`` offers megatron's
+    ``sharded_state_dict(model_sharded_state_dict, is_loading)``; ``state`` (JSON-ready, the same on
+    every rank) is written by rank 0; ``rank_state`` (anything torch.save takes) by each rank.
+    """
+    final = step_dir(root, step)
+    tmp = begin_save(final, subdirs=("model", "optimizer", "rank"))
+    model_sd = model.sharded_state_dict()
+    optimizer_sd = optimizer.sharded_state_dict(model_sd, is_loading=False)
+    dist_checkpointing.save(model_sd, os.path.join(tmp, "model"))
+    dist_checkpointing.save(optimizer_sd, os.path.join(tmp, "optimizer"))
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    torch.save(rank_state, os.path.join(tmp, "rank", f"rank_{rank:05d}.pt"))
+    if _rank0():
+        write_json_atomic(os.path.join(tmp, TRAIN_STATE), {**state, "step": step})
+    finish_save(tmp, final, meta, tokenizer_file)  # metadata last, then the rename (rank 0), barriers
+    if _rank0():
+        _write_latest(root, os.path.basename(final))
+        _prune(root, step, keep)
+    _barrier()
+    return final
+
+
+def read_train_state(directory: str) -> dict:
+    path = os.path.join(directory, TRAIN_STATE)
+    if not os.path.isfile(path):
+        raise UsageError(f"not a training checkpoint (no {TRAIN_STATE}): {directory}")
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_training(directory: str, model, optimizer) -> tuple[dict, dict | None]:
+    """Restore the model and optimizer of a training checkpoint (collective).
+
+    Returns the train state (see save_training) and this rank's rank_state, or None when the
+    checkpoint was written by fewer ranks than this run has.
+    """
+    state = read_train_state(directory)
+    load_model(model, directory)
+    model_sd = model.sharded_state_dict()
+    optimizer_sd = optimizer.sharded_state_dict(model_sd, is_loading=True)
+    optimizer.load_state_dict(dist_checkpointing.load(optimizer_sd, os.path.join(directory, "optimizer")))
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    path = os.path.join(directory, "rank", f"rank_{rank:05d}.pt")
+    rank_state = torch.load(path, weights_only=False) if os.path.isfile(path) else None
+    return state, rank_state

@@ -30,3 +30,77 @@ def save(fig, path: str) -> None:
         plt.close(fig)
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _tokens(n: float) -> str:
+    if n >= 1048576 and n % 1048576 == 0:
+        return f"{n / 1048576:g}M"
+    if n >= 1024 and n % 1024 == 0:
+        return f"{n / 1024:g}K"
+    return f"{n / 1000:.3g}K" if n >= 1000 else f"{n:.0f}"
+
+
+def _finite(values):
+    import math
+
+    return [v if isinstance(v, (int, float)) and math.isfinite(v) else float("nan") for v in values]
+
+
+def ppl_vs_length(records: list[dict], path: str) -> None:
+    """Perplexity against evaluation length (log-x, log-y), one curve per run, and the scaling law's
+    predicted extrapolation bound of each base as a dashed vertical line in the colour of its first run."""
+    fig, (ax,) = figure(1, width=7.5, height=5.0)
+    runs = list(dict.fromkeys(r["run"] for r in records))
+    marked = set()
+    for i, name in enumerate(runs):
+        rows = sorted((r for r in records if r["run"] == name), key=lambda r: r["length"])
+        color = f"C{i % 10}"
+        ax.plot([r["length"] for r in rows], _finite([r["ppl"] for r in rows]), marker="o", color=color, label=name)
+        bound, base = rows[0].get("predicted_bound"), rows[0].get("base")
+        if isinstance(bound, (int, float)) and base not in marked:
+            marked.add(base)
+            ax.axvline(bound, color=color, linestyle="--", alpha=0.7,
+                       label=f"predicted bound, base {base:g}: {_tokens(bound)}")
+    lengths = sorted({r["length"] for r in records})
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(lengths, [_tokens(n) for n in lengths])
+    ax.minorticks_off()
+    ax.set(xlabel="evaluation length (tokens)", ylabel="perplexity", title="Perplexity vs length")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    save(fig, path)
+
+
+def loss_by_position(records: list[dict], path: str) -> None:
+    """Loss per log-spaced position bucket at each run's longest evaluated length."""
+    fig, (ax,) = figure(1, width=7.5, height=5.0)
+    runs = list(dict.fromkeys(r["run"] for r in records))
+    for i, name in enumerate(runs):
+        rows = [r for r in records if r["run"] == name and r.get("buckets")]
+        if not rows:
+            continue
+        last = max(rows, key=lambda r: r["length"])
+        mids = [max(b["start"], 1) * 0.5 + b["end"] * 0.5 for b in last["buckets"]]
+        ax.plot(mids, _finite([b["loss"] for b in last["buckets"]]), marker=".", color=f"C{i % 10}",
+                label=f"{name} @ {_tokens(last['length'])}")
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel="token position (bucket centre)", ylabel="loss (nats/token)", title="Loss by position")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    save(fig, path)
+
+
+def passkey_heatmap(lengths: list[int], depths: list[float], accuracy: list[list[float]], path: str,
+                    title: str = "Passkey retrieval accuracy") -> None:
+    """accuracy[i][j]: depth i, length j; 0 = red, 1 = green, each cell annotated."""
+    fig, (ax,) = figure(1, width=max(4.5, 1.1 * len(lengths) + 2.5), height=max(3.5, 0.6 * len(depths) + 2.0))
+    image = ax.imshow(accuracy, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto", origin="upper")
+    ax.set_xticks(range(len(lengths)), [_tokens(n) for n in lengths])
+    ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
+    for i, row in enumerate(accuracy):
+        for j, value in enumerate(row):
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8)
+    ax.set(xlabel="context length (tokens)", ylabel="passkey depth (0 = start, 1 = end)", title=title)
+    fig.colorbar(image, ax=ax, label="accuracy")
+    save(fig, path)
