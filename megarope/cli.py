@@ -166,6 +166,118 @@ def _run_train(args) -> None:
         parallel.destroy()
 
 
+# ---------------------------------------------------------------------------- eval / passkey
+def _length(text: str) -> int:
+    """A token count: 4096, 4K (= 4096), 1M (= 1048576), 1e6."""
+    t = text.strip()
+    scale = {"k": 1024, "m": 1024 ** 2}.get(t[-1:].lower(), 1)
+    value = _positive_int(t[:-1] if scale > 1 else t)
+    return value * scale
+
+
+def _length_list(text: str) -> list[int]:
+    return [_length(t) for t in text.split(",") if t.strip()]
+
+
+def _float_list(text: str) -> list[float]:
+    return [_float(t) for t in text.split(",") if t.strip()]
+
+
+def _add_rope_and_layout(p) -> None:
+    p.add_argument("--tokenizer", metavar="PATH|bytes", help="tokenizer (default: the checkpoint's own)")
+    p.add_argument("--tp", type=_positive_int, default=1, help="tensor-parallel size (default 1)")
+    p.add_argument("--cp", type=_positive_int, default=1, help="context-parallel size: the sequence is split over "
+                   "CP ranks (default 1; run under torchrun for more than one rank)")
+    p.add_argument("--rope-base", type=_float, metavar="B", help="evaluate at this RoPE base instead of the trained one")
+    p.add_argument("--dynamic-ntk", action="store_true", help="dynamic NTK: rescale the base for each length")
+    p.add_argument("--log-scale", type=_positive_int, metavar="T_REF",
+                   help="log-scaled attention from T_REF (queries x max(1, ln t / ln T_REF))")
+    p.add_argument("--no-bos", action="store_true", help="do not put the tokenizer's BOS first")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), help="default: bf16 on a GPU, fp32 on a CPU")
+    p.add_argument("--backend", choices=("local", "te"), help="default: the checkpoint's (local when TE is absent)")
+
+
+def _dtype(name):
+    import torch
+
+    return {None: None, "fp32": torch.float32, "bf16": torch.bfloat16}[name]
+
+
+def _import_quietly(*names):
+    import importlib
+    import logging
+    import warnings
+
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
+        return [importlib.import_module(f"megarope.{n}") for n in names]
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="perplexity, loss and accuracy against length (several checkpoints/variants)",
+                       description="Evaluate each --checkpoint under each variant on documents truncated at each "
+                                   "length (documents shorter than a length are skipped and counted). Writes "
+                                   "results.json, results.csv, ppl_vs_length.png and loss_by_position.png to --out. "
+                                   "Many ranks: torchrun --nproc-per-node N -m megarope eval ... (TP x CP x DP).")
+    p.add_argument("--checkpoint", action="append", required=True, metavar="DIR",
+                   help="a megarope checkpoint, or a training run's directory (its latest step); repeatable")
+    p.add_argument("--data", nargs="+", action="extend", required=True, metavar="FILE",
+                   help=".txt (one document), .jsonl with a \"text\" field, or a directory of them")
+    p.add_argument("--lengths", type=_length_list, required=True, metavar="L1,L2,...",
+                   help="evaluation lengths in tokens, e.g. 4K,8K,16K (each divisible by 2*CP*TP)")
+    p.add_argument("--variants", type=lambda t: [v for v in t.split(",") if v.strip()], metavar="V1,V2,...",
+                   help="as-trained, dynamic-ntk, log-scaled, base=B, or several joined by '+' "
+                        "(default: the one --rope-base/--dynamic-ntk/--log-scale describe)")
+    _add_rope_and_layout(p)
+    p.add_argument("--window", type=_length, metavar="W",
+                   help="sliding window: no token is scored with more than W tokens of context")
+    p.add_argument("--stride", type=_length, metavar="S", help="sliding window stride (default W/2)")
+    p.add_argument("--max-docs", type=_positive_int, metavar="N", help="score at most N documents per length")
+    p.add_argument("--bucket0", type=_length, default=128, metavar="L0",
+                   help="first position bucket 0-L0, then L0-2L0, 2L0-4L0, ... (default 128)")
+    p.add_argument("--out", default="runs/eval", metavar="DIR", help="output directory (default runs/eval)")
+    p.set_defaults(run=_run_eval)
+
+
+def _run_eval(args) -> None:
+    import os
+
+    for path in args.data:
+        if not os.path.exists(path):
+            raise UsageError(f"--data {path}: not found")
+    (evaluate,) = _import_quietly("evaluate")
+    evaluate.run(args.checkpoint, args.data, args.lengths, args.variants, args.out, tokenizer=args.tokenizer,
+                 tp=args.tp, cp=args.cp, rope_base=args.rope_base, dynamic_ntk=args.dynamic_ntk,
+                 log_scale_ref=args.log_scale, window=args.window, stride=args.stride, max_docs=args.max_docs,
+                 bos=not args.no_bos, bucket0=args.bucket0, backend=args.backend, dtype=_dtype(args.dtype))
+
+
+def _add_passkey(sub) -> None:
+    p = sub.add_parser("passkey", help="passkey retrieval accuracy by context length and depth (heatmap)",
+                       description="Hide a random 5-digit pass key at each depth of filler text of each length and "
+                                   "ask for it. Scored teacher-forced: a trial passes when the argmax at every answer "
+                                   "token is right (the same verdict as greedy decoding, in one forward pass).")
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="a megarope checkpoint")
+    p.add_argument("--lengths", type=_length_list, required=True, metavar="L1,L2,...",
+                   help="prompt lengths in tokens (each divisible by 2*CP*TP)")
+    p.add_argument("--depths", type=_float_list, default=[0.0, 0.25, 0.5, 0.75, 1.0], metavar="D1,D2,...",
+                   help="where the key goes, 0 = start .. 1 = end (default 0,0.25,0.5,0.75,1)")
+    p.add_argument("--trials", type=_positive_int, default=5, help="random keys per cell (default 5)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the keys (default 0)")
+    _add_rope_and_layout(p)
+    p.add_argument("--out", default="runs/passkey", metavar="DIR", help="output directory (default runs/passkey)")
+    p.set_defaults(run=_run_passkey)
+
+
+def _run_passkey(args) -> None:
+    (passkey,) = _import_quietly("passkey")
+    passkey.run(args.checkpoint, args.lengths, args.depths, args.trials, args.out, tokenizer=args.tokenizer,
+                tp=args.tp, cp=args.cp, rope_base=args.rope_base, dynamic_ntk=args.dynamic_ntk,
+                log_scale_ref=args.log_scale, seed=args.seed, bos=not args.no_bos, backend=args.backend,
+                dtype=_dtype(args.dtype))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="megarope", description="RoPE-base scaling laws, continued training and long-context "
                                                   "evaluation on megatron-core.")
@@ -174,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_preprocess(sub)
     _add_convert(sub)
     _add_train(sub)
+    _add_eval(sub)
+    _add_passkey(sub)
     return parser
 
 

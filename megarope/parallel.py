@@ -65,12 +65,13 @@ def init(tp: int = 1, cp: int = 1, pp: int = 1, seed: int = 1234) -> Layout:
     if not dist.is_initialized():
         rank, world, local_rank = _env_rank_world()
         check_sizes(world, tp, cp, pp)
-        if world == 1:
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        # A world of one needs no launcher; its own port, not the environment's, so that child
+        # processes started later do not inherit an address already in use.
+        init_method = f"tcp://127.0.0.1:{_free_port()}" if world == 1 and "MASTER_PORT" not in os.environ else None
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=rank, world_size=world)
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", init_method=init_method,
+                                rank=rank, world_size=world)
     world = dist.get_world_size()
     check_sizes(world, tp, cp, pp)
     if parallel_state.model_parallel_is_initialized():
