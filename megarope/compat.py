@@ -8,10 +8,25 @@ that knows it may be running without a GPU.
 from __future__ import annotations
 
 import contextlib
-
-import torch
+import logging
+import warnings
 
 _applied = False
+
+# What megatron-core and torch say on every start without a GPU, TE or apex: true, and no news.
+_NOISE = (".*(Transformer Engine|Apex|apex).*(not installed|Falling back).*", "Could not determine rank",
+          "full scope is deprecated")
+
+
+def quiet() -> None:
+    """Silence the import-time and build-time notices a CPU run always triggers (idempotent).
+
+    Called once by the CLI, so a bad input really ends in one line on stderr.
+    """
+    for pattern in _NOISE:
+        warnings.filterwarnings("ignore", message=pattern)
+    for name in ("torch.utils.cpp_extension",):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 class _NullStream:
@@ -32,6 +47,8 @@ class _NullStream:
 
 def apply() -> None:
     """Patch megatron-core's CUDA assumptions when no GPU is present. Idempotent."""
+    import torch
+
     global _applied
     if _applied or torch.cuda.is_available():
         return

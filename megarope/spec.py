@@ -12,6 +12,8 @@ Both backends lay out their checkpoints the same way, so a model trained on one 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
@@ -55,6 +57,11 @@ def te_modules() -> dict:
             "core_attention": TEDotProductAttention, "norm": TENorm}
 
 
+def _mlp(fc1, fc2):
+    """SwiGLU MLP, built through the classmethod megatron-core 0.19 asks layer specs to use."""
+    return functools.partial(MLP.as_mlp_submodule, submodules=MLPSubmodules(linear_fc1=fc1, linear_fc2=fc2))
+
+
 def layer_spec(backend: str, rope: RopeConfig) -> ModuleSpec:
     """The megatron-core TransformerLayer spec for one LLaMA decoder layer."""
     if backend == "te":
@@ -69,8 +76,7 @@ def layer_spec(backend: str, rope: RopeConfig) -> ModuleSpec:
                                           linear_proj=te["row_linear"], q_layernorm=IdentityOp,
                                           k_layernorm=IdentityOp)),
             self_attn_bda=get_bias_dropout_add,
-            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=te["norm_linear"],
-                                                                linear_fc2=te["row_linear"])),
+            mlp=_mlp(te["norm_linear"], te["row_linear"]),
             mlp_bda=get_bias_dropout_add,
         ))
     if backend == "local":
@@ -85,8 +91,7 @@ def layer_spec(backend: str, rope: RopeConfig) -> ModuleSpec:
                                           k_layernorm=IdentityOp)),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=RMSNorm,
-            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
-                                                                linear_fc2=RowParallelLinear)),
+            mlp=_mlp(ColumnParallelLinear, RowParallelLinear),
             mlp_bda=get_bias_dropout_add,
             sharded_state_dict_keys_map=_LOCAL_TO_TE_KEYS,
         ))

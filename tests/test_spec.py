@@ -36,7 +36,7 @@ def test_te_spec_uses_te_modules(fake_te):
     assert attn.linear_qkv is FAKE_TE["norm_linear"] and attn.linear_proj is FAKE_TE["row_linear"]
     assert attn.core_attention is FakeTEAttention  # plain TE attention: TE does CP itself
     assert layer.submodules.input_layernorm is IdentityOp  # the norm is fused into linear_qkv
-    mlp = layer.submodules.mlp.submodules
+    mlp = layer.submodules.mlp.keywords["submodules"]
     assert mlp.linear_fc1 is FAKE_TE["norm_linear"] and mlp.linear_fc2 is FAKE_TE["row_linear"]
     assert spec.block_spec("te", RopeConfig(), 3).submodules.layer_norm is FAKE_TE["norm"]
 
