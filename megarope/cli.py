@@ -188,7 +188,8 @@ def _add_rope_and_layout(p) -> None:
     p.add_argument("--tp", type=_positive_int, default=1, help="tensor-parallel size (default 1)")
     p.add_argument("--cp", type=_positive_int, default=1, help="context-parallel size: the sequence is split over "
                    "CP ranks (default 1; run under torchrun for more than one rank)")
-    p.add_argument("--rope-base", type=_float, metavar="B", help="evaluate at this RoPE base instead of the trained one")
+    p.add_argument("--rope-base", type=_float, metavar="B",
+                   help="evaluate at this RoPE base instead of the trained one")
     p.add_argument("--dynamic-ntk", action="store_true", help="dynamic NTK: rescale the base for each length")
     p.add_argument("--log-scale", type=_positive_int, metavar="T_REF",
                    help="log-scaled attention from T_REF (queries x max(1, ln t / ln T_REF))")
@@ -240,12 +241,26 @@ def _add_eval(sub) -> None:
     p.set_defaults(run=_run_eval)
 
 
-def _run_eval(args) -> None:
+def _precheck(args, checkpoints: list[str]) -> None:
+    """The bad inputs that need neither torch nor a tokenizer: one line before the heavy imports."""
     import os
 
-    for path in args.data:
+    unit = 2 * args.cp * args.tp
+    for name, values in (("length", args.lengths), ("window", [getattr(args, "window", None)])):
+        for n in values:
+            if n is not None and n % unit:
+                raise UsageError(f"{name} {n} is not divisible by 2*CP*TP = {unit}")
+    for ckpt in checkpoints:
+        if not os.path.isdir(ckpt) or not (os.path.isfile(os.path.join(ckpt, "megarope.json"))
+                                           or any(n.startswith("step_") for n in os.listdir(ckpt))):
+            raise UsageError(f"not a megarope checkpoint (no megarope.json): {ckpt}")
+    for path in getattr(args, "data", None) or []:
         if not os.path.exists(path):
             raise UsageError(f"--data {path}: not found")
+
+
+def _run_eval(args) -> None:
+    _precheck(args, args.checkpoint)
     (evaluate,) = _import_quietly("evaluate")
     evaluate.run(args.checkpoint, args.data, args.lengths, args.variants, args.out, tokenizer=args.tokenizer,
                  tp=args.tp, cp=args.cp, rope_base=args.rope_base, dynamic_ntk=args.dynamic_ntk,
@@ -271,6 +286,9 @@ def _add_passkey(sub) -> None:
 
 
 def _run_passkey(args) -> None:
+    if any(not 0 <= d <= 1 for d in args.depths):
+        raise UsageError(f"depths must be in [0, 1], got {args.depths}")
+    _precheck(args, [args.checkpoint])
     (passkey,) = _import_quietly("passkey")
     passkey.run(args.checkpoint, args.lengths, args.depths, args.trials, args.out, tokenizer=args.tokenizer,
                 tp=args.tp, cp=args.cp, rope_base=args.rope_base, dynamic_ntk=args.dynamic_ntk,

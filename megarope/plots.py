@@ -6,6 +6,7 @@ import os
 import tempfile
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -63,9 +64,11 @@ def ppl_vs_length(records: list[dict], path: str) -> None:
                        label=f"predicted bound, base {base:g}: {_tokens(bound)}")
     lengths = sorted({r["length"] for r in records})
     ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
     ax.set_xticks(lengths, [_tokens(n) for n in lengths])
-    ax.minorticks_off()
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ppl = [v for v in _finite([r["ppl"] for r in records]) if v == v and v > 0]
+    if ppl and max(ppl) / min(ppl) > 3:  # perplexity that explodes past a bound needs a log axis
+        ax.set_yscale("log")
     ax.set(xlabel="evaluation length (tokens)", ylabel="perplexity", title="Perplexity vs length")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
