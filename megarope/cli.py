@@ -296,6 +296,20 @@ def _run_passkey(args) -> None:
                 dtype=_dtype(args.dtype))
 
 
+# ---------------------------------------------------------------------------- demo
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="reproduce the scaling law on a CPU in minutes (what `make demo` runs)")
+    p.add_argument("--out", default="runs/demo", help="where checkpoints, results and plots go (default runs/demo)")
+    p.add_argument("--quick", action="store_true", help="fewer steps and documents: under 5 minutes, noisier")
+    p.set_defaults(run=_run_demo)
+
+
+def _run_demo(args) -> None:
+    from megarope import demo
+
+    demo.run(args.out, args.quick)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="megarope", description="RoPE-base scaling laws, continued training and long-context "
                                                   "evaluation on megatron-core.")
@@ -306,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_eval(sub)
     _add_passkey(sub)
+    _add_demo(sub)
     return parser
 
 

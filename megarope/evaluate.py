@@ -351,24 +351,34 @@ def summarize(loss_sum: torch.Tensor, correct_sum: torch.Tensor, n_docs: int, bu
     return out
 
 
-def measured_break(position_loss: Sequence[float], train_len: int, rise: float = 0.5,
-                   smooth: int | None = None) -> int | None:
-    """Where perplexity breaks: the first target position past ``train_len`` at which the loss, averaged
-    over the ``smooth`` positions before it (default train_len), exceeds the in-length loss (the mean over
-    positions train_len/2 .. train_len-1) by ``rise`` nats. None when it never does within the curve.
+def measured_break(position_loss: Sequence[float], train_len: int, rise: float = 1.0) -> int | None:
+    """Where a model breaks: the first target position p >= ``train_len`` at which the loss, averaged
+    over a quarter-octave window around p ([p / 2^(1/8), p * 2^(1/8)]), is
 
+      * at least ``rise`` nats above the in-length level (the mean loss over targets train_len/2 ..
+        train_len-1), and
+      * at least ``rise`` nats above the same windowed loss one octave earlier, at p/2.
+
+    The first condition says the model has lost what it could do inside its training length; the
+    second that it lost it abruptly (a cliff, as past the bound of eq. 16b) rather than by the slow,
+    smooth rise of a base below beta_3, which never counts as a break. None when there is no such p.
     ``position_loss`` is a record's per-position curve (index t-1 = target t; run(..., positions=True)).
     """
     curve = torch.as_tensor(list(position_loss), dtype=torch.float64)
-    if train_len < 2 or curve.numel() < train_len:
-        raise ValueError(f"need a curve of at least train_len = {train_len} positions, got {curve.numel()}")
-    smooth = smooth or train_len
-    baseline = float(curve[train_len // 2 - 1:train_len - 1].mean())
+    n = curve.numel()
+    if train_len < 2 or n < train_len:
+        raise ValueError(f"need a curve of at least train_len = {train_len} positions, got {n}")
     sums = torch.cat([torch.zeros(1, dtype=torch.float64), curve.cumsum(0)])
-    for t in range(train_len, curve.numel() + 1):  # target t is curve[t-1]; window = targets t-smooth+1 .. t
-        lo = max(0, t - smooth)
-        if (sums[t] - sums[lo]) / (t - lo) > baseline + rise:
-            return t
+
+    def windowed(p: int) -> float:  # mean over targets lo..hi (1-based), clipped to the curve
+        lo, hi = max(1, math.floor(p / 2 ** 0.125)), min(n, math.ceil(p * 2 ** 0.125))
+        return float(sums[hi] - sums[lo - 1]) / (hi - lo + 1)
+
+    baseline = float(curve[train_len // 2 - 1:train_len - 1].mean())
+    for p in range(train_len, n + 1):
+        level = windowed(p)
+        if level >= baseline + rise and level - windowed(p // 2) >= rise:
+            return p
     return None
 
 

@@ -120,16 +120,19 @@ def test_buckets_and_summary():
 
 
 def test_measured_break():
+    import math
+
     from megarope.evaluate import measured_break
 
-    flat = [1.0] * 1023
-    assert measured_break(flat, 128) is None
-    jump = [1.0] * 300 + [3.0] * 723  # targets 301.. jump by 2 nats
-    assert measured_break(jump, 128) == 333  # a quarter of the 128-position window past the jump: +0.5
-    assert measured_break(jump, 128, smooth=1) == 301
-    assert measured_break(jump, 128, rise=3.0) is None
-    ramp = [1.0] * 128 + [1.0 + (t / 1000) for t in range(895)]  # slow rise: crosses +0.5 after ~500 more
-    assert 600 < measured_break(ramp, 128) < 760
+    assert measured_break([1.0] * 1023, 128) is None
+    jump = [1.0] * 1150 + [3.0] * 1000  # a cliff of 2 nats at target 1151
+    assert 1100 <= measured_break(jump, 128) <= 1160
+    assert measured_break(jump, 128, rise=2.5) is None
+    # smooth degradation: +0.5 nats per octave, 3 nats above the in-length level by 8K, never a cliff
+    smooth = [1.0 if t <= 128 else 1.0 + 0.5 * math.log2(t / 128) for t in range(1, 8192)]
+    assert measured_break(smooth, 128) is None
+    # the same slow rise with a cliff on top is still found
+    assert 1050 <= measured_break([x + (2.0 if t >= 1150 else 0.0) for t, x in enumerate(smooth)], 128) <= 1160
 
 
 def test_memory_estimate():
