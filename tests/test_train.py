@@ -1,0 +1,403 @@
+"""Training on CPU: layouts agree, resume is exact, signals and hard kills lose nothing, bad input is one line.
+
+A tiny setup throughout: the toy preset at seq_len 64, 4 sequences per step in 2 micro batches, on a
+small byte-level corpus made from a few stdlib files.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import textwrap
+import time
+
+import pytest
+import torch
+
+from megarope import checkpoint, config, data, train
+from megarope.cli import main
+from megarope.errors import UsageError
+from tests.distributed import run_distributed
+
+pytestmark = [pytest.mark.filterwarnings("ignore:Could not determine rank"),
+              # these run the CPU path (gloo, torch AdamW); on a GPU machine training takes the NCCL /
+              # megatron-optimizer path, and two ranks cannot share one GPU
+              pytest.mark.skipif(torch.cuda.is_available(), reason="CPU training tests (gloo ranks)")]
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 6
+LAYOUT_TOL = 1e-5
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A ~0.5 MB byte-level indexed dataset from stdlib sources (prefix)."""
+    root = tmp_path_factory.mktemp("corpus")
+    stdlib = sysconfig.get_paths()["stdlib"]
+    names = sorted(n for n in os.listdir(stdlib) if n.endswith(".py"))[:40]
+    with open(root / "docs.jsonl", "w") as f:
+        for name in names:
+            with open(os.path.join(stdlib, name), encoding="utf-8", errors="replace") as src:
+                f.write(json.dumps({"text": src.read()}) + "\n")
+    return data.preprocess([str(root / "docs.jsonl")], "bytes", str(root / "train"))["prefix"]
+
+
+def make_cfg(corpus, ckpt_dir, *overrides) -> config.Config:
+    raw = {"model": {"preset": "toy"},
+           "train": {"steps": STEPS, "seq_len": 64, "global_batch": 4, "micro_batch": 2, "lr": 1e-3,
+                     "warmup_steps": 1, "weight_decay": 0.1, "seed": 7},
+           "data": {"path": corpus, "tokenizer": "bytes"},
+           "checkpoint": {"dir": str(ckpt_dir), "every": 2, "keep": 2},
+           "log": {"tensorboard": False}}
+    return config.validate(config.apply_overrides(raw, list(overrides)))
+
+
+def write_yaml(cfg: config.Config, path) -> str:
+    import yaml
+
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f)
+    return str(path)
+
+
+def metrics(ckpt_dir) -> list[dict]:
+    with open(os.path.join(ckpt_dir, train.METRICS)) as f:
+        return [json.loads(line) for line in f]
+
+
+def losses(ckpt_dir) -> list[float]:
+    return [m["loss"] for m in metrics(ckpt_dir)]
+
+
+def latest_step(ckpt_dir) -> int:
+    return checkpoint.read_train_state(checkpoint.latest_checkpoint(str(ckpt_dir)))["step"]
+
+
+def cli_env() -> dict:
+    return {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def wait_for_steps(proc, ckpt_dir, n, timeout=120):
+    path = os.path.join(ckpt_dir, train.METRICS)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended early:\n{proc.stdout.read()}")
+        if os.path.exists(path):
+            with open(path) as f:
+                if sum(1 for _ in f) >= n:
+                    return
+        time.sleep(0.2)
+    raise AssertionError(f"no {n} steps within {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, tmp_path_factory):
+    """One uninterrupted single-process run: its checkpoint dir and per-step losses."""
+    ckpt = tmp_path_factory.mktemp("reference") / "run"
+    summary = train.run(make_cfg(corpus, ckpt), progress=False)
+    from megarope import parallel
+
+    parallel.destroy()
+    return {"dir": str(ckpt), "losses": losses(ckpt), "summary": summary}
+
+
+# ----------------------------------------------------------------------------------------------- one process
+def test_run_summary_checkpoints_and_metrics(reference):
+    s, ckpt = reference["summary"], reference["dir"]
+    assert s["step"] == STEPS and s["stopped"] is None and s["loss"] == reference["losses"][-1]
+    assert s["checkpoint"] == os.path.join(ckpt, "step_0000006")
+    # every 2 steps, keep the last 2, `latest` names the newest
+    assert sorted(n for n in os.listdir(ckpt) if n.startswith("step_")) == ["step_0000004", "step_0000006"]
+    assert open(os.path.join(ckpt, "latest")).read().strip() == "step_0000006"
+    rows = metrics(ckpt)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert all({"loss", "lr", "grad_norm", "tokens_per_s"} <= set(r) for r in rows)
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.3  # it learns
+    assert rows[0]["lr"] == pytest.approx(1e-3) and rows[-1]["lr"] == pytest.approx(0.0)  # warmup 1, cosine to 0
+    state = checkpoint.read_train_state(s["checkpoint"])
+    assert (state["step"], state["consumed_samples"], state["optimizer"]) == (STEPS, 4 * STEPS, "torch-adamw")
+    assert state["config"]["train"]["seq_len"] == 64 and state["scheduler"]["num_steps"] == STEPS
+    # a training checkpoint is a model checkpoint too: rebuild the model from it alone
+    meta = checkpoint.read_meta(s["checkpoint"])
+    assert meta["rope"]["base"] == 10000 and meta["rope"]["train_len"] == 64 and meta["tokenizer"] == "bytes"
+    assert sorted(os.listdir(os.path.join(ckpt, "step_0000006", "rank"))) == ["rank_00000.pt"]
+
+
+def test_resume_reproduces_the_uninterrupted_run_exactly(corpus, reference, tmp_path):
+    ckpt = tmp_path / "run"
+    first = train.run(make_cfg(corpus, ckpt, "train.exit_at_step=3"), progress=False)
+    assert (first["step"], first["stopped"], latest_step(ckpt)) == (3, "exit_at_step", 3)
+    os.makedirs(ckpt / ".step_0000004.partial" / "model")  # debris of a save that never finished
+    second = train.run(make_cfg(corpus, ckpt), progress=False)
+    assert second["step"] == STEPS
+    assert losses(ckpt) == reference["losses"]  # exactly: same data, weights, Adam state, lr, RNG
+    assert [m["step"] for m in metrics(ckpt)] == list(range(1, STEPS + 1))  # no duplicated lines
+    assert not (ckpt / ".step_0000004.partial").exists()
+    # resuming a finished run does nothing and says where it is
+    again = train.run(make_cfg(corpus, ckpt), progress=False)
+    assert again["step"] == STEPS and len(metrics(ckpt)) == STEPS and again["loss"] == reference["losses"][-1]
+
+
+def test_resume_truncates_metrics_written_after_the_checkpoint(corpus, reference, tmp_path):
+    ckpt = tmp_path / "run"
+    train.run(make_cfg(corpus, ckpt, "train.exit_at_step=2"), progress=False)
+    with open(ckpt / train.METRICS, "a") as f:  # steps 3-4 ran, then the job died before a checkpoint
+        f.write(json.dumps({"step": 3, "loss": 9.0, "lr": 0}) + "\n" + '{"step": 4, "lo')
+    train.run(make_cfg(corpus, ckpt), progress=False)
+    assert losses(ckpt) == reference["losses"]
+
+
+def test_init_from_loads_weights_and_checks_the_model(corpus, reference, tmp_path):
+    source = os.path.join(reference["dir"], "step_0000006")
+    s = train.run(make_cfg(corpus, tmp_path / "tuned", "train.steps=2", "train.warmup_steps=0",
+                           "rope.base=1e6", "init.from=" + source), progress=False)
+    first = losses(tmp_path / "tuned")[0]
+    assert first < reference["losses"][0] - 0.3  # started from the trained weights, not random ones
+    assert checkpoint.read_meta(s["checkpoint"])["rope"]["base"] == 1e6  # the new base is recorded
+    # bf16 keeps fp32 master weights: they must start from the loaded weights too, not the random ones
+    train.run(make_cfg(corpus, tmp_path / "bf16", "train.steps=3", "train.warmup_steps=0", "train.dtype=bf16",
+                       "init.from=" + source), progress=False)
+    assert max(losses(tmp_path / "bf16")) < reference["losses"][0] - 0.3
+    # preset taken from the checkpoint when model.preset is null
+    s = train.run(make_cfg(corpus, tmp_path / "tuned2", "train.steps=2", "train.warmup_steps=0", "rope.base=1e6",
+                           "train.exit_at_step=1", "model.preset=null", "init.from=" + source), progress=False)
+    assert losses(tmp_path / "tuned2")[0] == first
+    # a checkpoint of another shape is refused before anything is written
+    other = tmp_path / "other"
+    shutil.copytree(source, other)
+    meta = checkpoint.read_meta(str(other))
+    meta["preset"]["num_layers"] = 2
+    checkpoint.write_json_atomic(str(other / checkpoint.META), meta)
+    with pytest.raises(UsageError, match="holds another model"):
+        train.run(make_cfg(corpus, tmp_path / "x", "init.from=" + str(other)), progress=False)
+    assert not (tmp_path / "x").exists()
+
+
+def test_blend_trains_and_dp_rank_reads_its_own_samples(corpus, tmp_path):
+    other = data.preprocess([corpus_jsonl(corpus)], "bytes", str(tmp_path / "other"))["prefix"]
+    s = train.run(make_cfg(corpus, tmp_path / "run", "data.path=null", f"data.blend=[[1, {corpus}], [3, {other}]]",
+                           "train.steps=2", "train.warmup_steps=0"), progress=False)
+    assert s["step"] == 2 and s["loss"] is not None
+    # a micro batch of DP rank r holds samples consumed + (m*DP + r)*mbs .. (megatron's order)
+    run = train._Run.__new__(train._Run)
+    run.cfg = make_cfg(corpus, tmp_path / "x", "train.micro_batch=1")
+    run.layout, run.dp_rank, run.num_micro = train.parallel.Layout(1, 1, 1, 2, 2, 1), 1, 2
+    run.dataset = [{"tokens": [i], "labels": [i], "loss_mask": [1], "position_ids": [0]} for i in range(20)]
+    assert [b["tokens"].flatten().tolist() for b in run._micro_batches(8)] == [[9], [11]]
+
+
+def test_nan_loss_skips_then_saves_and_stops_with_exit_2(corpus, tmp_path, capsys):
+    cfg = make_cfg(corpus, tmp_path / "run", "train.lr=1e10", "train.clip_grad=0", "train.warmup_steps=0",
+                   "train.max_nan_skips=2", "train.steps=10", "checkpoint.every=0")
+    path = write_yaml(cfg, tmp_path / "c.yaml")
+    assert main(["train", path, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not finite at 3 steps" in err and "train.max_nan_skips = 2" in err
+    rows = metrics(tmp_path / "run")
+    skipped = [r["step"] for r in rows if r["skipped"]]
+    assert len(skipped) == 3 and all(r["loss"] is None for r in rows if r["skipped"])
+    assert latest_step(tmp_path / "run") == rows[-1]["step"]  # saved where it stopped
+    assert checkpoint.read_train_state(checkpoint.latest_checkpoint(str(tmp_path / "run")))["nan_skips"] == 3
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["train.bogus=1"], "unknown key 'train.bogus'"),
+    (["train.seq_len=62", "parallel.tp=2"], "train.seq_len 62 must be divisible by 2*CP*TP = 4"),
+    (["parallel.cp=2"], "world size 1 is not divisible by TP*CP*PP = 1*2*1"),
+    (["data.path=/nonexistent/prefix"], "no indexed dataset"),
+    (["data.blend=[[1, /no/a], [2, /no/b]]", "data.path=null"], "no indexed dataset (.bin + .idx) at /no/a, /no/b"),
+    (["data.tokenizer=SPM"], "more than the model's vocabulary of 257"),
+    (["data.tokenizer=/no/tokenizer.model"], "tokenizer not found"),
+    (["init.from=/no/checkpoint"], "not a megarope checkpoint"),
+    (["model.preset=null"], "model.preset is required"),
+    (["model.preset=llama-3"], "unknown model preset"),
+    (["model.backend=te"], "need a GPU with Transformer Engine"),
+    (["train.fp8=e4m3"], "train.fp8 needs model.backend: te"),
+    (["train.recompute=true"], "train.recompute needs a GPU"),
+    (["train.exit_at_step=99"], "past train.steps"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(corpus, tmp_path, capsys, overrides, words):
+    if "data.tokenizer=SPM" in overrides:  # a real tokenizer with more tokens than the toy model's 257
+        spm = data.train_sentencepiece([corpus_jsonl(corpus)], 512, str(tmp_path / "sp"))
+        overrides = [o.replace("SPM", spm) for o in overrides]
+    path = write_yaml(make_cfg(corpus, tmp_path / "run"), tmp_path / "c.yaml")
+    assert main(["train", path, *overrides]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and words in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def corpus_jsonl(prefix):
+    return os.path.join(os.path.dirname(prefix), "docs.jsonl")
+
+
+@pytest.mark.parametrize("change, words", [("train.seq_len=128", "trained with train.seq_len=64"),
+                                           ("train.global_batch=8", "trained with train.global_batch=4"),
+                                           ("rope.base=1e6", "another RoPE (rope.base: 10000.0 -> 1000000.0)")])
+def test_resuming_something_else_is_refused(corpus, reference, tmp_path, capsys, change, words):
+    shutil.copytree(reference["dir"], tmp_path / "run")
+    before = sorted(os.listdir(tmp_path / "run"))
+    path = write_yaml(make_cfg(corpus, tmp_path / "run", change, "train.steps=8"), tmp_path / "c.yaml")
+    assert main(["train", path]) == 2
+    err = capsys.readouterr().err
+    assert words in err and "use a new checkpoint.dir" in err and err.count("\n") == 1
+    assert sorted(os.listdir(tmp_path / "run")) == before
+
+
+def test_bad_input_in_a_fresh_process_prints_exactly_one_line(corpus, tmp_path):
+    path = write_yaml(make_cfg(corpus, tmp_path / "run", "data.path=" + str(tmp_path / "missing")), tmp_path / "c.yaml")
+    proc = subprocess.run([sys.executable, "-m", "megarope", "train", path], capture_output=True, text=True,
+                          env=cli_env(), cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("megarope: error: no indexed dataset"), proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------------------------- stopping
+def test_sigterm_saves_at_the_end_of_the_step_and_a_restart_continues(corpus, tmp_path):
+    """SIGTERM mid-run: exit 0 with a checkpoint of the step it was in; rerun goes on exactly."""
+    long = ["train.steps=400", "checkpoint.every=0"]
+    ckpt = tmp_path / "run"
+    path = write_yaml(make_cfg(corpus, ckpt, *long), tmp_path / "c.yaml")
+    proc = subprocess.Popen([sys.executable, "-m", "megarope", "train", path, "--no-progress"], env=cli_env(),
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_steps(proc, ckpt, 2)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill() if proc.poll() is None else None
+    assert proc.returncode == 0, out
+    stopped = latest_step(ckpt)
+    assert 2 <= stopped < 400 and "stopped by a signal" in out
+    assert [m["step"] for m in metrics(ckpt)] == list(range(1, stopped + 1))
+    # restart (stopping two steps later to keep this short) and compare with an uninterrupted run
+    train.run(make_cfg(corpus, ckpt, *long, f"train.exit_at_step={stopped + 2}"), progress=False)
+    train.run(make_cfg(corpus, tmp_path / "ref", *long, f"train.exit_at_step={stopped + 2}"), progress=False)
+    assert losses(ckpt) == losses(tmp_path / "ref")
+
+
+KILL_DURING_SAVE = textwrap.dedent("""
+    import sys, time
+    from megarope import checkpoint, config, train
+    real = checkpoint.dist_checkpointing.save
+    def save_then_hang(state, directory, *args, **kwargs):
+        real(state, directory, *args, **kwargs)
+        if ".step_0000004.partial" in directory and directory.endswith("optimizer"):
+            open(sys.argv[2], "w").close()  # step 4's model and optimizer are on disk, the rest is not
+            time.sleep(600)
+    checkpoint.dist_checkpointing.save = save_then_hang
+    train.run(config.load_config(sys.argv[1]), progress=False)
+""")
+
+
+def test_kill_9_during_a_save_leaves_the_previous_checkpoint_and_restart_is_exact(corpus, reference, tmp_path):
+    """What this shows: SIGKILL to the training process (and everything it started) half-way through
+    writing step 4's checkpoint leaves step 2 as `latest`, complete and loadable; the restart removes
+    the partial directory and reproduces the uninterrupted losses exactly. It does not show durability
+    across a machine crash (nothing here cuts power) or a kill inside os.replace, which POSIX makes atomic."""
+    ckpt, marker = tmp_path / "run", tmp_path / "saving"
+    path = write_yaml(make_cfg(corpus, ckpt), tmp_path / "c.yaml")
+    with open(tmp_path / "log", "w") as log:
+        # its own process group: megatron's checkpoint writer starts helper processes, killed with it
+        proc = subprocess.Popen([sys.executable, "-c", KILL_DURING_SAVE, path, str(marker)], env=cli_env(),
+                                cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while not marker.exists():
+            assert proc.poll() is None and time.time() < deadline, (tmp_path / "log").read_text()
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert (ckpt / ".step_0000004.partial" / "optimizer").is_dir()  # the save really was under way
+    assert not (ckpt / "step_0000004").exists() and latest_step(ckpt) == 2
+    assert [m["step"] for m in metrics(ckpt)] == [1, 2, 3, 4]
+    train.run(make_cfg(corpus, ckpt), progress=False)
+    assert losses(ckpt) == reference["losses"]
+    assert not (ckpt / ".step_0000004.partial").exists()
+
+
+# ----------------------------------------------------------------------------------------------- layouts
+def _layout_runs(corpus, root, reference_dir):
+    """On 2 gloo ranks: TP=2 (+SP), CP=2, DP=2 runs, a CP=2 resume of a 1-process checkpoint, a bad batch."""
+    from megarope import parallel
+
+    out = {}
+    for name, overrides in {"tp2": ["parallel.tp=2"], "tp2_nosp": ["parallel.tp=2", "parallel.sequence_parallel=false"],
+                            "cp2": ["parallel.cp=2"], "dp2": []}.items():
+        out[name] = train.run(make_cfg(corpus, os.path.join(root, name), *overrides), progress=False)
+    # resume at CP=2 from the single-process run's step-4 checkpoint (the optimizer state reshards)
+    resumed = os.path.join(root, "resumed")
+    if parallel.is_main():
+        os.makedirs(resumed)
+        shutil.copytree(os.path.join(reference_dir, "step_0000004"), os.path.join(resumed, "step_0000004"))
+        with open(os.path.join(resumed, "latest"), "w") as f:
+            f.write("step_0000004\n")
+    import torch.distributed as dist
+
+    dist.barrier()
+    out["resumed"] = train.run(make_cfg(corpus, resumed, "parallel.cp=2"), progress=False)
+    try:
+        train.run(make_cfg(corpus, os.path.join(root, "bad"), "train.global_batch=3", "train.micro_batch=1",
+                           "parallel.tp=1"), progress=False)
+        out["bad"] = None
+    except UsageError as e:
+        out["bad"] = str(e)
+    return out
+
+
+@pytest.mark.slow
+def test_tp2_cp2_dp2_match_one_process_and_resume_across_layouts(corpus, reference, tmp_path):
+    results = run_distributed(_layout_runs, 2, corpus, str(tmp_path), reference["dir"])
+    ref = reference["losses"]
+    for name in ("tp2", "tp2_nosp", "cp2", "dp2"):
+        got = losses(tmp_path / name)
+        assert max(abs(a - b) for a, b in zip(got, ref)) < LAYOUT_TOL, (name, got, ref)
+        assert results[0][name]["loss"] == results[1][name]["loss"]  # every rank reports the same
+    assert [m["step"] for m in metrics(tmp_path / "resumed")] == [5, 6]  # the copy brought no metrics
+    assert max(abs(a - b) for a, b in zip(losses(tmp_path / "resumed"), ref[-2:])) < LAYOUT_TOL
+    assert "train.global_batch 3 must be divisible by train.micro_batch x data-parallel size = 1 x 2" \
+        in (results[0]["bad"] or "")
+    assert results[1]["bad"] == results[0]["bad"]
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.slow
+def test_torchrun_cp2_trains_stops_on_sigterm_and_resumes(corpus, reference, tmp_path):
+    """The real launcher: launch/torchrun.sh 2 CONFIG parallel.cp=2; SIGTERM to torchrun reaches both ranks."""
+    ckpt = tmp_path / "run"
+    path = write_yaml(make_cfg(corpus, ckpt, "train.steps=400", "checkpoint.every=0"), tmp_path / "c.yaml")
+    env = {**cli_env(), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    launcher = os.path.join(REPO, "launch", "torchrun.sh")
+    proc = subprocess.Popen([launcher, "2", path, "parallel.cp=2", "--no-progress"], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_steps(proc, ckpt, 2)
+        proc.send_signal(signal.SIGTERM)  # the script exec'd into torchrun: this is torchrun's pid
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        proc.kill() if proc.poll() is None else None
+    stopped = latest_step(ckpt)
+    assert "stopped by a signal" in out and stopped >= 2, out
+    proc = subprocess.run([launcher, "2", path, "parallel.cp=2", f"train.exit_at_step={stopped + 1}"], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert [m["step"] for m in metrics(ckpt)] == list(range(1, stopped + 2))
+
+
+@pytest.mark.slow
+def test_toy_example_runs_from_nothing(tmp_path, capsys):
+    """`megarope train examples/toy_cpu.yaml` prepares its data on first use (shortened to 3 steps)."""
+    rc = main(["train", os.path.join(REPO, "examples", "toy_cpu.yaml"), "train.steps=3", "train.warmup_steps=1",
+               f"checkpoint.dir={tmp_path / 'toy'}", f"data.prepare_dir={tmp_path / 'data'}", "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "world 1 = TP 1 x CP 1 x PP 1 x DP 1" in out and "critical dimension d_extra = 12" in out
+    assert os.path.exists(tmp_path / "data" / "train.bin") and latest_step(tmp_path / "toy") == 3
+    assert os.listdir(tmp_path / "toy" / "tensorboard")
