@@ -4,15 +4,16 @@
 VENV     := .venv
 BIN      := $(VENV)/bin
 TORCH    := torch==2.14.1
-# Python 3.12 from PATH, else from pyenv's versions folder; override with `make PYTHON=/path/to/python3.12`.
-PYTHON   ?= $(shell for p in python3.12 python3.13 $(HOME)/.pyenv/versions/3.12*/bin/python3.12 python3; do \
-              $$p -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null && { command -v $$p || echo $$p; } && break; done)
+# Python 3.12 (megatron-core 0.19 ships cp312 wheels only) from PATH, else from pyenv's versions folder;
+# override with `make PYTHON=/path/to/python3.12`.
+PYTHON   ?= $(shell for p in python3.12 $(HOME)/.pyenv/versions/3.12*/bin/python3.12 python3; do \
+              $$p -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null && { command -v $$p || echo $$p; } && break; done)
 STAMP    := $(VENV)/.installed
 
 .PHONY: demo test test-fast setup clean
 
 demo: $(STAMP)
-	$(BIN)/megarope plan --base 500 --base 10000 --base 500000 --base 1000000 --target-len 32768 --target-len 131072 --target-len 1048576 --plot runs/plan.png
+	$(BIN)/megarope demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -23,7 +24,7 @@ test-fast: $(STAMP)
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
-	@test -n "$(PYTHON)" || { echo "error: no Python >= 3.12 found; run 'make PYTHON=/path/to/python3.12'" >&2; exit 2; }
+	@test -n "$(PYTHON)" || { echo "error: no Python 3.12 found; run 'make PYTHON=/path/to/python3.12'" >&2; exit 2; }
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	@# torch first and pinned, so that nothing else pulls another build

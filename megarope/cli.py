@@ -84,16 +84,9 @@ def _add_preprocess(sub) -> None:
 
 
 def _run_preprocess(args) -> None:
-    import logging
-    import warnings
-
     if (args.tokenizer is None) == (args.train_tokenizer is None):
         raise UsageError("give exactly one of --tokenizer and --train-tokenizer")
-    # importing megatron on a CPU machine logs that there is no CUDA, TE or Apex: noise before our one line
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
-        from megarope import data
+    from megarope import data
 
     s = data.preprocess(args.input, args.tokenizer, args.output_prefix, args.train_tokenizer, args.workers)
     print(f"{s['documents']:,} documents, {s['tokens']:,} tokens (vocab {s['vocab_size']:,}, tokenizer "
@@ -153,13 +146,8 @@ def _run_train(args) -> None:
     from megarope.config import load_config
 
     cfg = load_config(args.config, args.overrides)  # bad config: one line, before torch/megatron load
-    import logging
-    import warnings
+    from megarope import parallel, train
 
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
-        from megarope import parallel, train
     try:
         train.run(cfg, progress=False if args.no_progress else None)
     finally:
@@ -202,17 +190,6 @@ def _dtype(name):
     import torch
 
     return {None: None, "fp32": torch.float32, "bf16": torch.bfloat16}[name]
-
-
-def _import_quietly(*names):
-    import importlib
-    import logging
-    import warnings
-
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
-        return [importlib.import_module(f"megarope.{n}") for n in names]
 
 
 def _add_eval(sub) -> None:
@@ -261,7 +238,8 @@ def _precheck(args, checkpoints: list[str]) -> None:
 
 def _run_eval(args) -> None:
     _precheck(args, args.checkpoint)
-    (evaluate,) = _import_quietly("evaluate")
+    from megarope import evaluate
+
     evaluate.run(args.checkpoint, args.data, args.lengths, args.variants, args.out, tokenizer=args.tokenizer,
                  tp=args.tp, cp=args.cp, rope_base=args.rope_base, dynamic_ntk=args.dynamic_ntk,
                  log_scale_ref=args.log_scale, window=args.window, stride=args.stride, max_docs=args.max_docs,
@@ -289,7 +267,8 @@ def _run_passkey(args) -> None:
     if any(not 0 <= d <= 1 for d in args.depths):
         raise UsageError(f"depths must be in [0, 1], got {args.depths}")
     _precheck(args, [args.checkpoint])
-    (passkey,) = _import_quietly("passkey")
+    from megarope import passkey
+
     passkey.run(args.checkpoint, args.lengths, args.depths, args.trials, args.out, tokenizer=args.tokenizer,
                 tp=args.tp, cp=args.cp, rope_base=args.rope_base, dynamic_ntk=args.dynamic_ntk,
                 log_scale_ref=args.log_scale, seed=args.seed, bos=not args.no_bos, backend=args.backend,
@@ -325,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from megarope import compat
+
+    compat.quiet()  # megatron's CPU notices would bury the one line a bad input gets
     try:
         args = build_parser().parse_args(argv)
         args.run(args)

@@ -19,13 +19,15 @@ _NOISE = (".*(Transformer Engine|Apex|apex).*(not installed|Falling back).*", "C
 
 
 def quiet() -> None:
-    """Silence the import-time and build-time notices a CPU run always triggers (idempotent).
+    """Silence the notices megatron-core and torch print on every run (idempotent).
 
     Called once by the CLI, so a bad input really ends in one line on stderr.
     """
     for pattern in _NOISE:
         warnings.filterwarnings("ignore", message=pattern)
-    for name in ("torch.utils.cpp_extension",):
+    warnings.filterwarnings("ignore", category=FutureWarning, message=".*ShardedTensor.*")
+    # megatron logs its config dumps, deprecations and fallbacks at INFO/WARNING: not for a user
+    for name in ("megatron", "torch.utils.cpp_extension"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 

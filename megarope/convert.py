@@ -237,14 +237,10 @@ def _check_destination(path: str) -> None:
         raise UsageError(f"destination {path} already exists and is not empty; refusing to overwrite")
 
 
-def _quiet_import_megatron():
-    import logging
-    import warnings
+def _import_megatron_side():
+    """Imported late: every input check above runs before torch and megatron load."""
+    from megarope import checkpoint, model, parallel, rope
 
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
-        from megarope import checkpoint, model, parallel, rope
     return checkpoint, model, parallel, rope
 
 
@@ -264,7 +260,7 @@ def hf_to_mcore(hf_dir: str, out_dir: str, tp: int = 1) -> dict:
         expected.update({k: weights.shapes[k] for k in ("lm_head.weight",) if k in weights.shapes})
     weights.check(expected)
 
-    checkpoint, model_mod, parallel, rope_mod = _quiet_import_megatron()
+    checkpoint, model_mod, parallel, rope_mod = _import_megatron_side()
     import torch
 
     parallel.init(tp=1)
@@ -291,7 +287,7 @@ def mcore_to_hf(ckpt_dir: str, out_dir: str) -> dict:
     with open(os.path.join(ckpt_dir, "megarope.json")) as f:
         meta = json.load(f)
     cfg = hf_config_from_meta(meta)
-    checkpoint, _, parallel, _ = _quiet_import_megatron()
+    checkpoint, _, parallel, _ = _import_megatron_side()
     from safetensors.torch import save_file
 
     parallel.init(tp=1)

@@ -78,10 +78,14 @@ def predicted_bound(base: float) -> float | None:
     return scaling.plan_base(32, TRAIN_LEN, base, TRAIN_LEN, PRETRAIN_BASE).extrapolation_bound
 
 
-def run(out: str = "runs/demo", quick: bool = False) -> list[dict]:
+def run(out: str = "runs/demo", quick: bool = False, budget: Budget | None = None, eval_len: int = EVAL_LEN) -> list[dict]:
+    """The whole demo; returns the summary ({base, predicted_bound, measured_break} per base).
+
+    ``budget`` and ``eval_len`` shrink it further (the test suite runs a seconds-scale version).
+    """
     from megarope import data, evaluate
 
-    budget = QUICK if quick else FULL
+    budget = budget or (QUICK if quick else FULL)
     data_dir = os.path.join(out, "data")  # shared by the full and the quick demo
     out = os.path.join(out, "quick") if quick else out
     timings = {}
@@ -104,8 +108,8 @@ def run(out: str = "runs/demo", quick: bool = False) -> list[dict]:
         timings[name] = time.perf_counter() - t
 
     t = time.perf_counter()
-    print(f"[eval] {len(BASES)} models up to {EVAL_LEN} tokens on {budget.eval_docs} held-out files", flush=True)
-    records = evaluate.run([tuned[b] for b in BASES], [eval_path], [EVAL_LEN], out_dir=out, max_docs=budget.eval_docs,
+    print(f"[eval] {len(BASES)} models up to {eval_len} tokens on {budget.eval_docs} held-out files", flush=True)
+    records = evaluate.run([tuned[b] for b in BASES], [eval_path], [eval_len], out_dir=out, max_docs=budget.eval_docs,
                            bucket0=TRAIN_LEN, positions=True, verbose=False)
     timings["eval"] = time.perf_counter() - t
 

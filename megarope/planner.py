@@ -26,11 +26,14 @@ def make_plan(head_dim: int, train_len: int, tune_len: int | None, bases: list[f
 
 
 def _tokens(n: float | None) -> str:
+    """A token count as a user writes it: 128K and 1M for multiples of 1024 and 2^20, else 129,025."""
     if n is None:
         return "none"
-    if n >= 1e6:
-        return f"{n / 2**20:.2f}M" if n % 2**20 == 0 else f"{n / 1e6:.2f}M"
-    return f"{n / 1000:.1f}K" if n >= 10000 else f"{n:,.0f}"
+    if n == int(n) and n >= 2**20 and int(n) % 2**20 == 0:
+        return f"{int(n) >> 20}M"
+    if n == int(n) and n >= 1024 and int(n) % 1024 == 0:
+        return f"{int(n) >> 10}K"
+    return f"{n:,.0f}"
 
 
 def _base(b: float) -> str:

@@ -23,20 +23,18 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
 import os
 import random
 import signal
 import sys
 import time
-import warnings
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from megarope import checkpoint, config as configuration, parallel
+from megarope import checkpoint, compat, config as configuration, parallel
 from megarope.errors import UsageError
 
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
@@ -244,15 +242,6 @@ def _finite(x: float | None) -> float | None:
     return x if x is not None and math.isfinite(x) else None
 
 
-def _quiet_megatron() -> None:
-    """megatron logs its config dumps, deprecations and CPU fallbacks at INFO/WARNING: not for a user."""
-    for name in ("megatron", "torch.utils.cpp_extension"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|Could not determine rank"
-                                              "|full scope is deprecated).*")
-    warnings.filterwarnings("ignore", category=FutureWarning, message=".*ShardedTensor.*")
-
-
 class _StopSignals:
     """Remember SIGTERM/SIGUSR1 instead of dying: the run saves at the end of the step and ends."""
 
@@ -427,7 +416,7 @@ def run(cfg: configuration.Config | dict, progress: bool | None = None) -> dict:
     Bad input raises UsageError before anything is written.
     """
     cfg = cfg if isinstance(cfg, configuration.Config) else configuration.validate(cfg)
-    _quiet_megatron()
+    compat.quiet()
     check_config(cfg)
     layout = parallel.init(cfg.parallel.tp, cfg.parallel.cp, 1, cfg.train.seed)
     return _Run(cfg, layout, progress).train()

@@ -28,7 +28,7 @@ def test_plan_text_and_plot(tmp_path, capsys):
     assert main(["plan", "--tune-len", "16384", "--base", "500", "--base", "1e6", "--target-len", "1048576",
                  "--plot", str(png)]) == 0
     out = capsys.readouterr().out
-    assert "d_extra = 92" in out and "none" in out and "1.00M" in out
+    assert "d_extra = 92" in out and "none" in out and "1M" in out and "129,027" in out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
