@@ -72,7 +72,7 @@ class Tokenizer(MegatronTokenizerBase):
         return self.decode(ids)
 
     def apply_chat_template(self, *args, **kwargs):
-        raise NotImplementedError("base-model tokenizers carry no chat template")
+        raise TypeError("base-model tokenizers carry no chat template")
 
     @property
     def unique_identifiers(self) -> OrderedDict:

@@ -8,8 +8,9 @@
 3. Continue from that checkpoint at length 128 with base 1e6 (above beta_0: a hard bound is
    predicted), 10 (below beta_3 = 20.4: no hard bound, smooth degradation) and 10000 (the control:
    the bound is the tuning length).
-4. Evaluate each continued model up to 8K tokens, and put the scaling law's predicted bound next
-   to the measured break point (megarope.evaluate.measured_break).
+4. Evaluate each continued model at 128, 256, ... 8K tokens (one read of each document: causal
+   attention makes the shorter lengths prefixes of it), and put the scaling law's predicted bound
+   next to the measured break point (megarope.evaluate.measured_break).
 
 Each phase is a checkpoint directory under --out; a rerun skips every phase whose checkpoint is
 complete, so a second `make demo` only re-evaluates and reprints.
@@ -18,6 +19,7 @@ complete, so a second `make demo` only re-evaluates and reprints.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -109,18 +111,19 @@ def run(out: str = "runs/demo", quick: bool = False, budget: Budget | None = Non
 
     t = time.perf_counter()
     print(f"[eval] {len(BASES)} models up to {eval_len} tokens on {budget.eval_docs} held-out files", flush=True)
-    records = evaluate.run([tuned[b] for b in BASES], [eval_path], [eval_len], out_dir=out, max_docs=budget.eval_docs,
+    lengths = [TRAIN_LEN * 2**k for k in range(int(math.log2(eval_len // TRAIN_LEN)) + 1)]
+    records = evaluate.run([tuned[b] for b in BASES], [eval_path], lengths, out_dir=out, max_docs=budget.eval_docs,
                            bucket0=TRAIN_LEN, positions=True, verbose=False)
     timings["eval"] = time.perf_counter() - t
 
-    summary = []
-    for base, rec in zip(BASES, records):
-        summary.append({"base": base, "predicted_bound": predicted_bound(base),
-                        "measured_break": evaluate.measured_break(rec["position_loss"], TRAIN_LEN)})
+    longest = [r for r in records if r["length"] == eval_len]  # one per base, in BASES order
+    summary = [{"base": base, "predicted_bound": predicted_bound(base),
+                "measured_break": evaluate.measured_break(rec["position_loss"], TRAIN_LEN)}
+               for base, rec in zip(BASES, longest)]
     _write_json(os.path.join(out, "summary.json"), summary)
     timings["total"] = time.perf_counter() - started
     print()
-    print(format_report(records, summary, timings))
+    print(format_report(longest, summary, timings))
     print(f"\nwritten: {out}/results.json, summary.json, ppl_vs_length.png, loss_by_position.png")
     return summary
 

@@ -616,6 +616,8 @@ def evaluate_model(model, docs: Sequence[torch.Tensor], lengths: Sequence[int], 
     """
     from tqdm import tqdm
 
+    if window is None and not model.megarope_rope.dynamic_ntk and len(lengths) > 1:
+        return _evaluate_by_prefix(model, docs, lengths, max_docs, bucket0, progress, positions, **score_kwargs)
     dp_rank, dp_size, dp_group = _dp()
     results = []
     for length in lengths:
@@ -650,6 +652,57 @@ def evaluate_model(model, docs: Sequence[torch.Tensor], lengths: Sequence[int], 
         record = {"length": length, **summarize(loss_sum, correct_sum, len(chosen), bucket0, positions),
                   "n_docs": len(chosen), "n_skipped": len(docs) - len(eligible), "seconds": seconds}
         record["tokens_per_s"] = len(chosen) * length / seconds if seconds > 0 else float("nan")
+        results.append(record)
+    return results
+
+
+def _evaluate_by_prefix(model, docs, lengths, max_docs, bucket0, progress, positions, **score_kwargs) -> list[dict]:
+    """evaluate_model for several full-sequence lengths in one pass per document.
+
+    Attention is causal, so a document truncated at L scores exactly the first L-1 targets of the
+    same document read to a longer length -- unless RoPE depends on the length (dynamic NTK), which
+    is why that variant is evaluated length by length. Each document is read once, at the longest
+    length it is chosen for, and every shorter length takes that pass's prefix. ``seconds`` is then
+    the time of the whole pass, shared by every length.
+    """
+    from tqdm import tqdm
+
+    dp_rank, dp_size, dp_group = _dp()
+    eligible = {L: [i for i, d in enumerate(docs) if d.shape[0] >= L] for L in lengths}
+    chosen = {L: set(eligible[L][:max_docs] if max_docs else eligible[L]) for L in lengths}
+    longest = {}
+    for L in lengths:
+        for i in chosen[L]:
+            longest[i] = max(longest.get(i, 0), L)
+    mine = sorted(longest)[dp_rank::dp_size]
+    sums = {L: torch.zeros(2, L - 1, dtype=torch.float64) for L in lengths}
+    started = time.perf_counter()
+    bar = tqdm(total=len(longest), desc=f"{progress or 'eval'} @ {max(lengths)}", unit=" docs",
+               disable=None if parallel.is_main() and progress is not None else True, leave=False)
+    for read_len in sorted({longest[i] for i in mine}):
+        group = [i for i in mine if longest[i] == read_len]
+        per_batch = max(1, score_kwargs.get("batch_tokens", BATCH_TOKENS) // read_len)
+        for k in range(0, len(group), per_batch):
+            rows = group[k:k + per_batch]
+            lo, ok = score_sequences(model, torch.stack([docs[i][:read_len] for i in rows]), **score_kwargs)
+            for row, i in enumerate(rows):
+                for L in lengths:
+                    if i in chosen[L]:
+                        sums[L][0] += lo[row, :L - 1].double()
+                        sums[L][1] += ok[row, :L - 1].double()
+            bar.update(len(rows) * dp_size)
+    bar.close()
+    seconds = time.perf_counter() - started
+    read_tokens = sum(longest.values())
+    results = []
+    for L in lengths:
+        if dp_size > 1:
+            both = sums[L].to(parallel.device())
+            dist.all_reduce(both, group=dp_group)
+            sums[L] = both.cpu()
+        record = {"length": L, **summarize(sums[L][0], sums[L][1], len(chosen[L]), bucket0, positions),
+                  "n_docs": len(chosen[L]), "n_skipped": len(docs) - len(eligible[L]), "seconds": seconds,
+                  "tokens_per_s": read_tokens / seconds if seconds > 0 else float("nan")}
         results.append(record)
     return results
 

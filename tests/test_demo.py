@@ -23,8 +23,8 @@ def test_tiny_demo_end_to_end(tmp_path, capsys):
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     assert on_disk == json.loads(json.dumps(summary))
     records = json.loads((tmp_path / "results.json").read_text())
-    assert len(records) == 3 and all({"run", "length", "loss", "ppl", "accuracy", "n_docs"} <= set(r) for r in records)
-    assert all(r["length"] == 1024 and r["n_docs"] == 2 for r in records)
+    assert len(records) == 12 and all({"run", "length", "loss", "ppl", "accuracy", "n_docs"} <= set(r) for r in records)
+    assert [r["length"] for r in records] == [128, 256, 512, 1024] * 3 and all(r["n_docs"] == 2 for r in records)
     assert os.path.getsize(tmp_path / "ppl_vs_length.png") > 1000
     out = capsys.readouterr().out
     assert "predicted bound" in out and "measured break" in out

@@ -397,3 +397,22 @@ def test_torchrun_cp2_cli_equals_plain(toy_ckpt, data_file, tmp_path):
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-5)
         assert y["n_docs"] == x["n_docs"] and y["n_skipped"] == x["n_skipped"]
     assert stdout.count("perplexity") == 1  # rank 0 alone reports
+
+
+@pytest.mark.parametrize("dynamic_ntk", [False, True])
+def test_several_lengths_in_one_pass_equal_length_by_length(toy_ckpt, dynamic_ntk):
+    """Causal attention: a prefix of a longer read scores what the truncated document scores."""
+    from megarope import checkpoint, evaluate, parallel
+
+    parallel.init()
+    model = checkpoint.build_from_checkpoint(toy_ckpt, rope_overrides={"dynamic_ntk": dynamic_ntk})
+    g = torch.Generator().manual_seed(3)
+    docs = [torch.randint(0, 257, (n,), generator=g) for n in (600, 256, 1024, 300)]
+    lengths = [128, 256, 512, 1024]
+    together = evaluate.evaluate_model(model, docs, lengths, max_docs=2, positions=True)
+    for rec in together:
+        alone = evaluate.evaluate_model(model, docs, [rec["length"]], max_docs=2, positions=True)[0]
+        assert (rec["n_docs"], rec["n_skipped"]) == (alone["n_docs"], alone["n_skipped"])
+        assert rec["loss"] == pytest.approx(alone["loss"], rel=1e-5)
+        assert rec["accuracy"] == pytest.approx(alone["accuracy"], abs=1e-9)
+        assert rec["position_loss"] == pytest.approx(alone["position_loss"], rel=1e-4, abs=1e-5)

@@ -20,7 +20,7 @@ import torch
 from megarope import checkpoint, config, data, train
 from megarope.cli import main
 from megarope.errors import UsageError
-from tests.distributed import run_distributed
+from distributed import run_distributed
 
 pytestmark = [pytest.mark.filterwarnings("ignore:Could not determine rank"),
               # these run the CPU path (gloo, torch AdamW); on a GPU machine training takes the NCCL /
