@@ -26,6 +26,9 @@ def save(fig, path: str) -> None:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=110)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a figure is for sharing
         os.replace(tmp, path)
     finally:
         plt.close(fig)
