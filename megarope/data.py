@@ -267,11 +267,12 @@ def _worker_encode(text: str) -> list[int]:
 
 def preprocess(inputs: Sequence[str | os.PathLike], tokenizer: Tokenizer | str | None, output_prefix: str,
                train_tokenizer_vocab: int | None = None, workers: int = 1) -> dict:
-    """Tokenize every document, end each with EOD, and write megatron's output_prefix.bin/.idx.
+    """Tokenize every document, start it with BOS and end it with EOD, and write megatron's output_prefix.bin/.idx.
 
     With `train_tokenizer_vocab`, first train output_prefix.tokenizer.model on the same inputs and use it
     (a finished tokenizer stays even if tokenizing fails later). Empty documents are skipped, as megatron's
-    tools/preprocess_data.py does. No BOS is added: EOD alone separates documents, as there.
+    tools/preprocess_data.py does. BOS only where the tokenizer has one (LLaMA's <s>: LLaMA was
+    pretrained with it at every document's start, and the evaluator reads documents the same way).
     Returns a summary dict (documents, tokens, prefix, bin, idx, tokenizer spec, vocab_size).
     """
     output_prefix = os.fspath(output_prefix)
@@ -301,7 +302,7 @@ def preprocess(inputs: Sequence[str | os.PathLike], tokenizer: Tokenizer | str |
             for ids in tqdm(encoded, desc=f"tokenizing -> {output_prefix}", unit=" docs", disable=None):
                 if not ids:
                     continue
-                ids.append(tokenizer.eod)
+                ids = ([tokenizer.bos] if tokenizer.bos is not None else []) + ids + [tokenizer.eod]
                 builder.add_document(ids, [len(ids)])
                 documents += 1
                 tokens += len(ids)

@@ -153,7 +153,7 @@ def test_preprocess_trains_tokenizer(tmp_path):
     assert summary["tokenizer"] == model and summary["vocab_size"] == 300 and summary["documents"] == 300
     tok = data.load_tokenizer(model)
     ds = IndexedDataset(str(tmp_path / "ds"))
-    assert ds[0].tolist() == tok.encode(texts[0]) + [2]  # LLaMA-like: eos (2) ends each document
+    assert ds[0].tolist() == [1] + tok.encode(texts[0]) + [2]  # LLaMA-like: bos (1) starts, eos (2) ends a document
     assert sum(len(ds[i]) for i in range(len(ds))) == summary["tokens"] < sum(map(len, texts))
 
 
