@@ -88,12 +88,16 @@ def save_model(model, directory: str, meta: dict | None = None, tokenizer_file: 
     finish_save(tmp, directory, meta if meta is not None else model_meta(model), tokenizer_file)
 
 
-def read_meta(directory: str) -> dict:
-    path = os.path.join(directory, META)
+def _read_json(directory: str, name: str, kind: str) -> dict:
+    path = os.path.join(directory, name)
     if not os.path.isfile(path):
-        raise UsageError(f"not a megarope checkpoint (no {META}): {directory}")
+        raise UsageError(f"not a {kind} (no {name}): {directory}")
     with open(path) as f:
         return json.load(f)
+
+
+def read_meta(directory: str) -> dict:
+    return _read_json(directory, META, "megarope checkpoint")
 
 
 def tokenizer_path(directory: str) -> str | None:
@@ -248,11 +252,7 @@ def save_training(root: str, step: int, model, optimizer, state: dict, rank_stat
 
 
 def read_train_state(directory: str) -> dict:
-    path = os.path.join(directory, TRAIN_STATE)
-    if not os.path.isfile(path):
-        raise UsageError(f"not a training checkpoint (no {TRAIN_STATE}): {directory}")
-    with open(path) as f:
-        return json.load(f)
+    return _read_json(directory, TRAIN_STATE, "training checkpoint")
 
 
 def load_training(directory: str, model, optimizer) -> tuple[dict, dict | None]:
