@@ -35,10 +35,6 @@ def _float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
 
 
-def _int_list(text: str) -> list[int]:
-    return [_positive_int(t) for t in text.split(",") if t.strip()]
-
-
 # ---------------------------------------------------------------------------- plan
 def _add_plan(sub) -> None:
     p = sub.add_parser("plan", help="which base for which context, and where a base breaks (the scaling law)")

@@ -11,7 +11,6 @@ imports either, so bad input costs no start-up time and leaves nothing behind.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 from typing import Any, Literal
@@ -268,8 +267,3 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         if not isinstance(raw, dict):
             raise UsageError(f"{source}: the top level must be a mapping of sections")
     return validate(apply_overrides(raw, list(overrides or [])), source)
-
-
-def rope_fields_match(rope_config_cls) -> bool:
-    """True when rope.* has exactly the fields of RopeConfig (a test keeps the two in step)."""
-    return set(RopeSection.model_fields) == {f.name for f in dataclasses.fields(rope_config_cls)}

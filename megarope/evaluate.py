@@ -752,7 +752,7 @@ def run(checkpoints: Sequence[str] | str, docs_or_paths: Sequence, lengths: Sequ
                                  f"tokens with tokenizer {key})")
 
     own_init = _ensure_parallel(tp, cp)
-    main = parallel.is_main()  # decided now: after the teardown below every rank would look like rank 0
+    main = parallel.is_main()
     records = []
     try:
         for r in runs:

@@ -111,4 +111,5 @@ def slice_for_cp(batch: dict) -> dict:
 
 
 def is_main() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
+    """Rank 0 -- also before init and after destroy, when only the launcher's RANK says which rank this is."""
+    return (dist.get_rank() if dist.is_initialized() else _env_rank_world()[0]) == 0

@@ -49,11 +49,6 @@ class RopeConfig:
         if self.log_scale_ref is not None and self.log_scale_ref < 2:
             raise ValueError(f"log_scale_ref must be >= 2, got {self.log_scale_ref}")
 
-    @property
-    def per_position_scaling(self) -> bool:
-        """True when the rotary table or the queries depend on more than megatron's fused RoPE knows."""
-        return self.dynamic_ntk or self.log_scale_ref is not None
-
 
 def cp_chunk_ids(cp_size: int, cp_rank: int) -> list[int]:
     """The two of the 2*CP sequence chunks that CP rank ``cp_rank`` holds."""

@@ -1,5 +1,6 @@
 """The training config: schema, YAML + dotted overrides, unknown keys, the examples."""
 
+import dataclasses
 import glob
 import os
 
@@ -38,7 +39,7 @@ def test_defaults_and_the_required_dotted_keys_exist():
 
 
 def test_rope_section_has_exactly_the_fields_of_rope_config():
-    assert config.rope_fields_match(RopeConfig)
+    assert set(config.RopeSection.model_fields) == {f.name for f in dataclasses.fields(RopeConfig)}
     cfg = load_config(None, ["data.path=p", "train.seq_len=256", "rope.dynamic_ntk=true"])
     rope = RopeConfig(**cfg.rope_config())
     assert rope.train_len == 256 and rope.dynamic_ntk  # train_len defaults to train.seq_len
