@@ -34,14 +34,10 @@ import subprocess
 import sys
 import time
 
+from megarope.units import parse_tokens
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_LENGTHS = "1K,2K,4K,8K,16K,32K,64K"
-
-
-def _length(text: str) -> int:
-    text = text.strip()
-    scale = {"k": 1024, "m": 1024 ** 2}.get(text[-1:].lower(), 1)
-    return int(text[:-1] if scale > 1 else text) * scale
 
 
 def _status_kb(field: str) -> int:
@@ -106,7 +102,7 @@ def main() -> None:
           f"{'default malloc' if args.default_malloc else 'MALLOC_MMAP_THRESHOLD_=131072'}; "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
     print(f"{'length':>8}  {'seconds':>8}  {'tokens/s':>9}  {'peak MiB':>9}  {'x prev':>6}  {'estimate MiB':>12}")
-    for length in [_length(t) for t in args.lengths.split(",") if t.strip()]:
+    for length in [parse_tokens(t) for t in args.lengths.split(",") if t.strip()]:
         command = [sys.executable, os.path.abspath(__file__), "--child", str(length), "--dtype", args.dtype,
                    "--threads", str(args.threads)]
         out = subprocess.run(command, capture_output=True, text=True, cwd=os.path.dirname(HERE), env=env)

@@ -17,7 +17,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 
-from megarope.rope import RopeConfig, cp_chunk_ids, cp_local_positions, log_scale_factors
+from megarope.parallel import cp_chunk_ids, cp_local_positions
+from megarope.rope import RopeConfig, log_scale_factors
 
 QUERY_BLOCK = 1024
 

@@ -22,6 +22,8 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
 from megarope.errors import UsageError
+from megarope.files import partial_dir, replace_dir, write_json_atomic, write_text_atomic
+from megarope.parallel import is_main
 
 META = "megarope.json"
 
@@ -29,19 +31,6 @@ META = "megarope.json"
 def _barrier():
     if dist.is_initialized():
         dist.barrier()
-
-
-def _rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def write_json_atomic(path: str, obj) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def model_meta(model, **extra) -> dict:
@@ -52,10 +41,9 @@ def model_meta(model, **extra) -> dict:
 
 def begin_save(final_dir: str, subdirs: tuple[str, ...] = ()) -> str:
     """Make (on rank 0) and return the temporary directory a save writes into, with ``subdirs``."""
-    parent = os.path.dirname(os.path.abspath(final_dir))
-    tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(final_dir))}.partial")
-    if _rank0():
-        os.makedirs(parent, exist_ok=True)
+    tmp = partial_dir(final_dir)
+    if is_main():
+        os.makedirs(os.path.dirname(tmp), exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         for sub in ("",) + tuple(subdirs):
             os.makedirs(os.path.join(tmp, sub), exist_ok=True)
@@ -66,18 +54,12 @@ def begin_save(final_dir: str, subdirs: tuple[str, ...] = ()) -> str:
 def finish_save(tmp: str, final_dir: str, meta: dict, tokenizer_file: str | None = None) -> None:
     """Write the metadata last, then swap the finished directory into place (rank 0)."""
     _barrier()
-    if _rank0():
+    if is_main():
         if tokenizer_file:
             shutil.copyfile(tokenizer_file, os.path.join(tmp, "tokenizer.model"))
             meta = {**meta, "tokenizer": "tokenizer.model"}
         write_json_atomic(os.path.join(tmp, META), meta)
-        old = None
-        if os.path.exists(final_dir):  # replace an existing one without a moment of having none
-            old = f"{tmp}.old"
-            os.replace(final_dir, old)
-        os.replace(tmp, final_dir)
-        if old:
-            shutil.rmtree(old)
+        replace_dir(tmp, final_dir)
     _barrier()
 
 
@@ -151,19 +133,6 @@ def step_dir(root: str, step: int) -> str:
     return os.path.join(root, f"step_{step:07d}")
 
 
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def training_checkpoints(root: str) -> list[tuple[int, str]]:
     """(step, path) of the complete step directories under ``root``, oldest first."""
     if not os.path.isdir(root):
@@ -194,26 +163,19 @@ def latest_checkpoint(root: str) -> str | None:
 def remove_partial_saves(root: str) -> list[str]:
     """Delete what interrupted saves left behind (rank 0, before the first save of a run)."""
     removed = []
-    if _rank0() and os.path.isdir(root):
+    if is_main() and os.path.isdir(root):
         for name in os.listdir(root):
             if name.startswith(".") and (name.endswith(".partial") or name.endswith(".partial.old")):
                 shutil.rmtree(os.path.join(root, name), ignore_errors=True)
                 removed.append(name)
-            elif name.endswith(".tmp") and name.startswith(LATEST):
+            elif name.startswith(LATEST + ".tmp"):
                 os.remove(os.path.join(root, name))
     _barrier()
     return removed
 
 
 def _write_latest(root: str, name: str) -> None:
-    path = os.path.join(root, LATEST)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(name + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(root)
+    write_text_atomic(os.path.join(root, LATEST), name + "\n")
 
 
 def _prune(root: str, step: int, keep: int) -> None:
@@ -241,10 +203,10 @@ def save_training(root: str, step: int, model, optimizer, state: dict, rank_stat
     dist_checkpointing.save(optimizer_sd, os.path.join(tmp, "optimizer"))
     rank = dist.get_rank() if dist.is_initialized() else 0
     torch.save(rank_state, os.path.join(tmp, "rank", f"rank_{rank:05d}.pt"))
-    if _rank0():
+    if is_main():
         write_json_atomic(os.path.join(tmp, TRAIN_STATE), {**state, "step": step})
     finish_save(tmp, final, meta, tokenizer_file)  # metadata last, then the rename (rank 0), barriers
-    if _rank0():
+    if is_main():
         _write_latest(root, os.path.basename(final))
         _prune(root, step, keep)
     _barrier()

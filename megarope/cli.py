@@ -153,10 +153,12 @@ def _run_train(args) -> None:
 # ---------------------------------------------------------------------------- eval / passkey
 def _length(text: str) -> int:
     """A token count: 4096, 4K (= 4096), 1M (= 1048576), 1e6."""
-    t = text.strip()
-    scale = {"k": 1024, "m": 1024 ** 2}.get(t[-1:].lower(), 1)
-    value = _positive_int(t[:-1] if scale > 1 else t)
-    return value * scale
+    from megarope.units import parse_tokens
+
+    try:
+        return parse_tokens(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _length_list(text: str) -> list[int]:

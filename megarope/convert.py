@@ -21,6 +21,7 @@ import shutil
 import struct
 
 from megarope.errors import UsageError
+from megarope.files import atomic_dir
 
 LLAMA3_DEFAULTS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
@@ -293,20 +294,11 @@ def mcore_to_hf(ckpt_dir: str, out_dir: str) -> dict:
     parallel.init(tp=1)
     model = checkpoint.build_from_checkpoint(ckpt_dir, backend="local")
     tensors = mcore_to_hf_state(model.state_dict(), meta["preset"])
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(out_dir))}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
+    with atomic_dir(out_dir) as tmp:
         save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(cfg, f, indent=2)
         tokenizer = os.path.join(ckpt_dir, meta.get("tokenizer") or "tokenizer.model")
         if os.path.isfile(tokenizer):  # a sentencepiece file inside the checkpoint, not a spec like "bytes"
             shutil.copyfile(tokenizer, os.path.join(tmp, "tokenizer.model"))
-        if os.path.isdir(out_dir):
-            os.rmdir(out_dir)  # empty (checked above)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return cfg

@@ -34,6 +34,7 @@ from megatron.core.tokenizers import MegatronTokenizerBase
 from tqdm import tqdm
 
 from megarope.errors import UsageError
+from megarope.files import atomic_files
 
 TEXT_SUFFIXES = (".txt",)
 JSONL_SUFFIXES = (".jsonl", ".json")  # .json here means JSON lines, as megatron's own preprocessing reads it
@@ -189,7 +190,7 @@ def train_sentencepiece(input_files: Sequence[str | os.PathLike], vocab_size: in
             raise failure[0] from None
         raise UsageError(f"sentencepiece training failed: {str(e).split('] ')[-1]}") from None
     path = os.fspath(model_prefix) + ".model"
-    with _atomic([path]) as (tmp,), open(tmp, "wb") as f:
+    with atomic_files([path]) as (tmp,), open(tmp, "wb") as f:
         f.write(model.getvalue())
     return path
 
@@ -238,21 +239,6 @@ def iter_documents(paths: Sequence[str | os.PathLike]) -> Iterator[str]:
             raise UsageError(f"{path}: not UTF-8 text") from None
 
 
-# ----------------------------------------------------------------------------------------------- writing
-@contextlib.contextmanager
-def _atomic(paths: Sequence[str]):
-    """Yield a temp name beside each path; on success move them all into place, on failure delete them."""
-    temps = [f"{p}.tmp{os.getpid()}" for p in paths]
-    try:
-        yield temps
-        for temp, path in zip(temps, paths):
-            os.replace(temp, path)
-    finally:
-        for temp in temps:
-            if os.path.exists(temp):
-                os.remove(temp)
-
-
 _worker_tokenizer: Tokenizer | None = None  # one per worker process, loaded once from its spec
 
 
@@ -292,7 +278,7 @@ def preprocess(inputs: Sequence[str | os.PathLike], tokenizer: Tokenizer | str |
     documents = tokens = 0
     outputs = [output_prefix + ".bin", output_prefix + ".idx"]
     pool = multiprocessing.Pool(workers, _worker_init, (tokenizer.spec,)) if workers > 1 else None
-    with pool or contextlib.nullcontext(), _atomic(outputs) as (bin_tmp, idx_tmp):
+    with pool or contextlib.nullcontext(), atomic_files(outputs) as (bin_tmp, idx_tmp):
         # uint16 tokens when the vocabulary allows: half the disk and page cache of int32
         builder = IndexedDatasetBuilder(bin_tmp, dtype=DType.optimal_dtype(tokenizer.vocab_size))
         with contextlib.closing(builder.data_file):  # finalize closes it too; this covers the failures
@@ -410,7 +396,7 @@ def stdlib_corpus(out_dir: str | os.PathLike, n_eval_files: int = 20, min_eval_b
     held_out = set(big[step // 2::step][:n_eval_files])
 
     os.makedirs(out_dir, exist_ok=True)
-    with _atomic([train_path, eval_path]) as (train_tmp, eval_tmp), \
+    with atomic_files([train_path, eval_path]) as (train_tmp, eval_tmp), \
             open(train_tmp, "w", encoding="utf-8") as train_f, open(eval_tmp, "w", encoding="utf-8") as eval_f:
         for rel, text in texts.items():
             line = json.dumps({"path": rel.replace(os.sep, "/"), "text": text}) + "\n"

@@ -18,13 +18,14 @@ complete, so a second `make demo` only re-evaluates and reprints.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
 from dataclasses import dataclass
 
 from megarope import scaling
+from megarope.files import write_json_atomic
+from megarope.units import format_tokens
 
 BASES = (1e6, 10.0, 1e4)
 PRETRAIN_BASE = 1e4
@@ -120,23 +121,12 @@ def run(out: str = "runs/demo", quick: bool = False, budget: Budget | None = Non
     summary = [{"base": base, "predicted_bound": predicted_bound(base),
                 "measured_break": evaluate.measured_break(rec["position_loss"], TRAIN_LEN)}
                for base, rec in zip(BASES, longest)]
-    _write_json(os.path.join(out, "summary.json"), summary)
+    write_json_atomic(os.path.join(out, "summary.json"), summary)
     timings["total"] = time.perf_counter() - started
     print()
     print(format_report(longest, summary, timings))
     print(f"\nwritten: {out}/results.json, summary.json, ppl_vs_length.png, loss_by_position.png")
     return summary
-
-
-def _write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
-def _tokens(n: float | None) -> str:
-    return "none" if n is None else f"{n:,.0f}"
 
 
 def format_report(records: list[dict], summary: list[dict], timings: dict) -> str:
@@ -148,6 +138,6 @@ def format_report(records: list[dict], summary: list[dict], timings: dict) -> st
         lines.append(f"{'base ' + format(s['base'], 'g'):<12}" + "".join(f"{b['loss']:>11.3f}" for b in rec["buckets"]))
     lines += ["", f"{'base':>8}  {'predicted bound':>16}  {'measured break':>15}"]
     for s in summary:
-        lines.append(f"{s['base']:>8g}  {_tokens(s['predicted_bound']):>16}  {_tokens(s['measured_break']):>15}")
+        lines.append(f"{s['base']:>8g}  {format_tokens(s['predicted_bound']):>16}  {format_tokens(s['measured_break']):>15}")
     lines += ["", "time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())]
     return "\n".join(lines)

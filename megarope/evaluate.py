@@ -79,6 +79,8 @@ from megarope import loss as loss_mod
 from megarope import parallel, scaling
 from megarope.attention import QUERY_BLOCK, gather_sequence
 from megarope.errors import UsageError
+from megarope.files import atomic_files, write_json_atomic
+from megarope.units import format_tokens
 
 DEFAULT_BUCKET0 = 128
 MLP_CHUNK = 32768         # tokens per MLP call in score_sequences (exact; bounds the widest activation)
@@ -812,19 +814,16 @@ def _json_safe(x):
 
 def write_results(records: list[dict], out_dir: str) -> None:
     from megarope import plots
-    from megarope.checkpoint import write_json_atomic
 
     os.makedirs(out_dir, exist_ok=True)
     write_json_atomic(os.path.join(out_dir, "results.json"), _json_safe(records))
-    tmp = os.path.join(out_dir, "results.csv.tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_files([os.path.join(out_dir, "results.csv")]) as (tmp,), open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
         writer.writeheader()
         for rec in records:
             row = dict(rec)
             row["buckets"] = ";".join(f"{b['start']}-{b['end']}:{b['loss']:.5f}" for b in rec["buckets"])
             writer.writerow(row)
-    os.replace(tmp, os.path.join(out_dir, "results.csv"))
     plots.ppl_vs_length(records, os.path.join(out_dir, "ppl_vs_length.png"))
     plots.loss_by_position(records, os.path.join(out_dir, "loss_by_position.png"))
 
@@ -835,21 +834,13 @@ def _fmt_ppl(x: float) -> str:
     return f"{x:.4g}" if x < 1e5 else f"{x:.3g}"
 
 
-def _fmt_len(n: int) -> str:
-    if n % 1048576 == 0:
-        return f"{n // 1048576}M"
-    if n % 1024 == 0:
-        return f"{n // 1024}K"
-    return str(n)
-
-
 def format_table(records: list[dict]) -> str:
     """Rows = runs, columns = lengths, cells = perplexity."""
     runs = list(dict.fromkeys(r["run"] for r in records))
     lengths = sorted({r["length"] for r in records})
     cell = {(r["run"], r["length"]): r["ppl"] for r in records}
     width = max([len("run")] + [len(r) for r in runs])
-    head = f"{'run':<{width}}" + "".join(f"  {_fmt_len(n):>9}" for n in lengths)
+    head = f"{'run':<{width}}" + "".join(f"  {format_tokens(n):>9}" for n in lengths)
     lines = ["perplexity", head, "-" * len(head)]
     for name in runs:
         lines.append(f"{name:<{width}}" + "".join(f"  {_fmt_ppl(cell.get((name, n))):>9}" for n in lengths))

@@ -3,6 +3,9 @@
 Rank and world size come from torchrun (RANK/WORLD_SIZE/LOCAL_RANK) or from Slurm
 (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID); a plain process is a world of one.
 NCCL on GPUs, gloo on CPUs.
+
+The CP layout lives here too: megatron splits each sequence into 2*CP chunks and gives CP rank r
+the chunks r and 2*CP-1-r (so causal attention costs every rank the same).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ def _env_rank_world() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -67,7 +70,7 @@ def init(tp: int = 1, cp: int = 1, pp: int = 1, seed: int = 1234) -> Layout:
         check_sizes(world, tp, cp, pp)
         # A world of one needs no launcher; its own port, not the environment's, so that child
         # processes started later do not inherit an address already in use.
-        init_method = f"tcp://127.0.0.1:{_free_port()}" if world == 1 and "MASTER_PORT" not in os.environ else None
+        init_method = f"tcp://127.0.0.1:{free_port()}" if world == 1 and "MASTER_PORT" not in os.environ else None
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", init_method=init_method,
@@ -103,6 +106,19 @@ def destroy() -> None:
 
 def cp_group():
     return parallel_state.get_context_parallel_group()
+
+
+def cp_chunk_ids(cp_size: int, cp_rank: int) -> list[int]:
+    """The two of the 2*CP sequence chunks that CP rank ``cp_rank`` holds."""
+    return [cp_rank, 2 * cp_size - 1 - cp_rank]
+
+
+def cp_local_positions(global_len: int, cp_size: int, cp_rank: int, device=None) -> torch.Tensor:
+    """Global (0-based) positions of the tokens that this CP rank holds, in local order."""
+    if global_len % (2 * cp_size):
+        raise ValueError(f"sequence length {global_len} is not divisible by 2*CP = {2 * cp_size}")
+    chunk = global_len // (2 * cp_size)
+    return torch.cat([torch.arange(c * chunk, (c + 1) * chunk, device=device) for c in cp_chunk_ids(cp_size, cp_rank)])
 
 
 def slice_for_cp(batch: dict) -> dict:

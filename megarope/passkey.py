@@ -170,7 +170,7 @@ def run(checkpoint: str, lengths: Sequence[int], depths: Sequence[float] = (0.0,
               "records": records}
     if out_dir and main:
         from megarope import plots
-        from megarope.checkpoint import write_json_atomic
+        from megarope.files import write_json_atomic
 
         os.makedirs(out_dir, exist_ok=True)
         write_json_atomic(os.path.join(out_dir, "passkey.json"), result)

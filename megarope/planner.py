@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from megarope import scaling
+from megarope.units import format_tokens
 
 
 def make_plan(head_dim: int, train_len: int, tune_len: int | None, bases: list[float], targets: list[int],
@@ -25,17 +26,6 @@ def make_plan(head_dim: int, train_len: int, tune_len: int | None, bases: list[f
     }
 
 
-def _tokens(n: float | None) -> str:
-    """A token count as a user writes it: 128K and 1M for multiples of 1024 and 2^20, else 129,025."""
-    if n is None:
-        return "none"
-    if n == int(n) and n >= 2**20 and int(n) % 2**20 == 0:
-        return f"{int(n) >> 20}M"
-    if n == int(n) and n >= 1024 and int(n) % 1024 == 0:
-        return f"{int(n) >> 10}K"
-    return f"{n:,.0f}"
-
-
 def _base(b: float) -> str:
     return f"{b:.3g}" if b >= 1e5 else f"{b:,.0f}" if b >= 100 else f"{b:.3g}"
 
@@ -53,13 +43,13 @@ def format_plan(plan: dict) -> str:
         lines += ["", f"{'base':>12}  {'regime':<15}  {'crit. dim':>9}  {'bound (tokens)':>14}"]
         for row in plan["bases"]:
             lines.append(f"{_base(row['base']):>12}  {row['regime']:<15}  {row['critical_dim']:>9}"
-                         f"  {_tokens(row['extrapolation_bound']):>14}")
+                         f"  {format_tokens(row['extrapolation_bound']):>14}")
     if plan["targets"]:
         lines += ["", f"{'target':>12}  base needed (eq. 16b inverted)"]
         for row in plan["targets"]:
             note = "" if row["base"] > plan["critical_base"] else \
                 "  (<= beta_0: the bound is then the tune length; tune longer instead)"
-            lines.append(f"{_tokens(row['target_len']):>12}  {_base(row['base'])}{note}")
+            lines.append(f"{format_tokens(row['target_len']):>12}  {_base(row['base'])}{note}")
     return "\n".join(lines)
 
 
@@ -90,7 +80,7 @@ def plot_plan(plan: dict, path: str) -> None:
     for row in plan["bases"]:
         if row["extrapolation_bound"]:
             right.scatter([row["base"]], [row["extrapolation_bound"]], zorder=3)
-            right.annotate(_tokens(row["extrapolation_bound"]), (row["base"], row["extrapolation_bound"]), fontsize=7)
+            right.annotate(format_tokens(row["extrapolation_bound"]), (row["base"], row["extrapolation_bound"]), fontsize=7)
     right.set(xscale="log", yscale="log", xlabel="RoPE base", ylabel="extrapolation bound (tokens)",
               title="Predicted bound (Theorem 3)")
     right.legend(fontsize=7)

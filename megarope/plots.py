@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
-import tempfile
 
 import matplotlib
 import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from megarope.files import atomic_files  # noqa: E402
+from megarope.units import format_tokens  # noqa: E402
 
 
 def figure(ncols: int = 1, width: float = 6.0, height: float = 4.5):
@@ -19,29 +21,13 @@ def figure(ncols: int = 1, width: float = 6.0, height: float = 4.5):
 
 def save(fig, path: str) -> None:
     """Write the PNG atomically: a crash never leaves half a picture at ``path``."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=directory)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a figure is for sharing
-        os.replace(tmp, path)
+        with atomic_files([path], mode=0o666) as (tmp,):  # a figure is for sharing: the usual permissions
+            fig.savefig(tmp, dpi=110, format="png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _tokens(n: float) -> str:
-    if n >= 1048576 and n % 1048576 == 0:
-        return f"{n / 1048576:g}M"
-    if n >= 1024 and n % 1024 == 0:
-        return f"{n / 1024:g}K"
-    return f"{n / 1000:.3g}K" if n >= 1000 else f"{n:.0f}"
 
 
 def _finite(values):
@@ -64,10 +50,10 @@ def ppl_vs_length(records: list[dict], path: str) -> None:
         if isinstance(bound, (int, float)) and base not in marked:
             marked.add(base)
             ax.axvline(bound, color=color, linestyle="--", alpha=0.7,
-                       label=f"predicted bound, base {base:g}: {_tokens(bound)}")
+                       label=f"predicted bound, base {base:g}: {format_tokens(bound)}")
     lengths = sorted({r["length"] for r in records})
     ax.set_xscale("log", base=2)
-    ax.set_xticks(lengths, [_tokens(n) for n in lengths])
+    ax.set_xticks(lengths, [format_tokens(n) for n in lengths])
     ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ppl = [v for v in _finite([r["ppl"] for r in records]) if v == v and v > 0]
     if ppl and max(ppl) / min(ppl) > 3:  # perplexity that explodes past a bound needs a log axis
@@ -89,7 +75,7 @@ def loss_by_position(records: list[dict], path: str) -> None:
         last = max(rows, key=lambda r: r["length"])
         mids = [max(b["start"], 1) * 0.5 + b["end"] * 0.5 for b in last["buckets"]]
         ax.plot(mids, _finite([b["loss"] for b in last["buckets"]]), marker=".", color=f"C{i % 10}",
-                label=f"{name} @ {_tokens(last['length'])}")
+                label=f"{name} @ {format_tokens(last['length'])}")
     ax.set_xscale("log", base=2)
     ax.set(xlabel="token position (bucket centre)", ylabel="loss (nats/token)", title="Loss by position")
     ax.grid(alpha=0.3)
@@ -102,7 +88,7 @@ def passkey_heatmap(lengths: list[int], depths: list[float], accuracy: list[list
     """accuracy[i][j]: depth i, length j; 0 = red, 1 = green, each cell annotated."""
     fig, (ax,) = figure(1, width=max(4.5, 1.1 * len(lengths) + 2.5), height=max(3.5, 0.6 * len(depths) + 2.0))
     image = ax.imshow(accuracy, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto", origin="upper")
-    ax.set_xticks(range(len(lengths)), [_tokens(n) for n in lengths])
+    ax.set_xticks(range(len(lengths)), [format_tokens(n) for n in lengths])
     ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
     for i, row in enumerate(accuracy):
         for j, value in enumerate(row):

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding as _McoreRotary
 
+from megarope.parallel import cp_local_positions
+
 
 @dataclass(frozen=True)
 class RopeConfig:
@@ -48,19 +50,6 @@ class RopeConfig:
             raise ValueError(f"rotary_percent must be in (0, 1], got {self.rotary_percent}")
         if self.log_scale_ref is not None and self.log_scale_ref < 2:
             raise ValueError(f"log_scale_ref must be >= 2, got {self.log_scale_ref}")
-
-
-def cp_chunk_ids(cp_size: int, cp_rank: int) -> list[int]:
-    """The two of the 2*CP sequence chunks that CP rank ``cp_rank`` holds."""
-    return [cp_rank, 2 * cp_size - 1 - cp_rank]
-
-
-def cp_local_positions(global_len: int, cp_size: int, cp_rank: int, device=None) -> torch.Tensor:
-    """Global (0-based) positions of the tokens that this CP rank holds, in local order."""
-    if global_len % (2 * cp_size):
-        raise ValueError(f"sequence length {global_len} is not divisible by 2*CP = {2 * cp_size}")
-    chunk = global_len // (2 * cp_size)
-    return torch.cat([torch.arange(c * chunk, (c + 1) * chunk, device=device) for c in cp_chunk_ids(cp_size, cp_rank)])
 
 
 def dynamic_ntk_base(base: float, seq_len: int, train_len: int, rotary_dim: int, alpha: float = 1.0) -> float:

@@ -37,6 +37,7 @@ import torch.distributed as dist
 from megarope import checkpoint, compat, config as configuration, parallel
 from megarope.optim import make_optimizer, make_scheduler, optimizer_kind
 from megarope.errors import UsageError
+from megarope.files import atomic_files
 
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
 METRICS = "metrics.jsonl"
@@ -220,10 +221,8 @@ def _truncate_metrics(path: str, step: int) -> None:
                     kept.append(line if line.endswith("\n") else line + "\n")
             except (ValueError, KeyError, TypeError):
                 continue  # a line cut short by a crash
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
+    with atomic_files([path]) as (tmp,), open(tmp, "w") as f:
         f.writelines(kept)
-    os.replace(tmp, path)
 
 
 def _flops_per_token(preset, seq_len: int) -> float:

@@ -9,16 +9,11 @@ environment variables, so megarope.parallel.init() inside ``fn`` joins the group
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 
 import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from megarope.parallel import free_port
 
 
 def _worker(fn, rank, world, port, queue, args, kwargs):
@@ -40,7 +35,7 @@ def _worker(fn, rank, world, port, queue, args, kwargs):
 def run_distributed(fn, world_size: int, *args, timeout: float = 600, **kwargs) -> list:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, queue, args, kwargs))
              for r in range(world_size)]
     for p in procs:

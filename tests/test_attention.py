@@ -9,7 +9,8 @@ from distributed import run_distributed
 
 from megarope import attention as A
 from megarope import parallel
-from megarope.rope import RopeConfig, cp_local_positions
+from megarope.parallel import cp_local_positions
+from megarope.rope import RopeConfig
 
 S, B, H, HK, D = 64, 2, 4, 2, 8
 

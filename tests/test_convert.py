@@ -70,7 +70,7 @@ def _tp2_and_cp2(ckpt_dirs, tokens):
 
 def assemble_cp(pieces):
     """Put each CP rank's two chunks (r and 2*CP-1-r) back in sequence order."""
-    from megarope.rope import cp_chunk_ids
+    from megarope.parallel import cp_chunk_ids
 
     cp = len(pieces)
     chunks = {}

@@ -35,3 +35,12 @@ def test_single_process_layout_and_cp_slice_is_identity():
     batch = {"tokens": torch.arange(8).view(1, 8)}
     assert torch.equal(parallel.slice_for_cp(batch)["tokens"], batch["tokens"])
     assert parallel.device() == torch.device("cpu")
+
+
+def test_cp_positions_follow_megatrons_load_balanced_order():
+    assert parallel.cp_local_positions(8, 2, 0).tolist() == [0, 1, 6, 7]
+    assert parallel.cp_local_positions(8, 2, 1).tolist() == [2, 3, 4, 5]
+    together = torch.cat([parallel.cp_local_positions(24, 3, r) for r in range(3)])
+    assert sorted(together.tolist()) == list(range(24))
+    with pytest.raises(ValueError, match="divisible"):
+        parallel.cp_local_positions(10, 2, 0)

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from megarope import parallel
 from megarope import rope as R
 
 
@@ -15,15 +16,6 @@ class FakeGroup:
 
     def rank(self):
         return self._rank
-
-
-def test_cp_positions_follow_megatrons_load_balanced_order():
-    assert R.cp_local_positions(8, 2, 0).tolist() == [0, 1, 6, 7]
-    assert R.cp_local_positions(8, 2, 1).tolist() == [2, 3, 4, 5]
-    together = torch.cat([R.cp_local_positions(24, 3, r) for r in range(3)])
-    assert sorted(together.tolist()) == list(range(24))
-    with pytest.raises(ValueError, match="divisible"):
-        R.cp_local_positions(10, 2, 0)
 
 
 def test_config_checks():
@@ -56,7 +48,7 @@ def test_rotary_table_under_cp_is_the_slice_of_the_full_table():
     full = _table(rope, 64)
     for rank in range(2):
         local = _table(rope, 64, FakeGroup(2, rank))
-        assert torch.equal(local, full[R.cp_local_positions(64, 2, rank)])
+        assert torch.equal(local, full[parallel.cp_local_positions(64, 2, rank)])
 
 
 @pytest.mark.parametrize("length", [64, 128, 300])
