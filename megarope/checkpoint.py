@@ -11,6 +11,7 @@ place only when complete, so a crash mid-save never damages an existing checkpoi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -20,12 +21,16 @@ from dataclasses import asdict
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.validation import StrictHandling
 
 from megarope.errors import UsageError
 from megarope.files import partial_dir, replace_dir, write_json_atomic, write_text_atomic
 from megarope.parallel import is_main
 
 META = "megarope.json"
+# Transformer Engine (>= 2.18) unpickles the FP8 delayed-scaling state of a checkpoint only when this is 1.
+UNSAFE_PICKLE_ENV = "NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE"
+EXTRA_STATE = "_extra_state"  # torch's key suffix for a module's get_extra_state()
 
 
 def _barrier():
@@ -91,11 +96,60 @@ def tokenizer_path(directory: str) -> str | None:
     return inside if os.path.exists(inside) else name
 
 
+@contextlib.contextmanager
+def trusted_extra_state():
+    """Let Transformer Engine unpickle FP8 metadata while megarope loads a checkpoint it wrote itself.
+
+    TE >= 2.18 refuses pickled ``_extra_state`` (FP8 delayed scaling's) unless
+    NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE=1, since unpickling can run code. A megarope checkpoint
+    (it has megarope.json) comes from megarope's own saves, so the variable is set for the load only
+    and restored afterwards. The default recipe (tensorwise) stores no pickle at all.
+    """
+    previous = os.environ.get(UNSAFE_PICKLE_ENV)
+    os.environ[UNSAFE_PICKLE_ENV] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(UNSAFE_PICKLE_ENV, None)
+        else:
+            os.environ[UNSAFE_PICKLE_ENV] = previous
+
+
+def _refuse_mismatch(directory: str, in_checkpoint_only, in_model_only) -> None:
+    """One line naming the keys that do not match, unless they are only modules' extra state.
+
+    Transformer Engine's modules (norms, attention) carry ``_extra_state`` (FP8 metadata, often
+    empty) that the local backend's modules lack, so a checkpoint of one backend loads into the other;
+    any other key that only one side has is a different model.
+    """
+    def real(keys):
+        return sorted(k for k in keys if not k.endswith(EXTRA_STATE))
+
+    problems = []
+    for what, keys in (("not in the model", real(in_checkpoint_only)), ("not in the checkpoint", real(in_model_only))):
+        if keys:
+            shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+            problems.append(f"{len(keys)} key(s) {what} ({shown})")
+    if problems:
+        raise UsageError(f"{directory} does not fit this model: {'; '.join(problems)}")
+
+
 def load_model(model, directory: str) -> None:
-    """Load a checkpoint's weights into ``model``, whatever TP/CP layout either side has."""
+    """Load a checkpoint's weights into ``model``, whatever TP/CP layout and backend either side has.
+
+    Only ``_extra_state`` keys may be missing on either side (a "local" checkpoint into a "te" model
+    and back); any other mismatch raises UsageError. dist_checkpointing's StrictHandling.RETURN_ALL
+    reports both kinds of mismatch (checkpoint-only keys need the ranks' metadata, which
+    dist_checkpointing's integrity check gathers anyway) and leaves the model-only keys out of the load.
+    """
     read_meta(directory)
-    state = dist_checkpointing.load(model.sharded_state_dict(), os.path.join(directory, "model"))
-    model.load_state_dict(state)
+    with trusted_extra_state():
+        state, checkpoint_only, model_only = dist_checkpointing.load(
+            model.sharded_state_dict(), os.path.join(directory, "model"), strict=StrictHandling.RETURN_ALL)
+        _refuse_mismatch(directory, checkpoint_only, model_only)
+        result = model.load_state_dict(state, strict=False)
+    _refuse_mismatch(directory, result.unexpected_keys, result.missing_keys)
 
 
 def build_from_checkpoint(directory: str, backend: str | None = None, rope_overrides: dict | None = None, **config_kwargs):

@@ -1,17 +1,27 @@
 """The few fixes megatron-core 0.19 needs to run on a CPU (gloo), applied once.
 
 megatron-core assumes CUDA in a handful of places (see docs/platform notes in the README).
-Each fix below is narrow, does nothing when CUDA is present, and is the only place in megarope
+Each fix below is narrow, does nothing when CUDA is used, and is the only place in megarope
 that knows it may be running without a GPU.
+
+``MEGAROPE_DEVICE=cpu`` runs on the CPU (gloo, CPU tensors) even where a GPU exists -- the test
+suite sets it for everything outside tests/gpu. megarope and megatron-core ask
+``torch.cuda.is_available()`` in many places, so answering False there is the one switch that makes
+them all take the CPU path together; :func:`restore` undoes it (tests that run GPU tests after
+CPU ones in the same process).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import warnings
 
+DEVICE_ENV = "MEGAROPE_DEVICE"
+
 _applied = False
+_originals: dict = {}  # (object, attribute name) -> what apply() replaced
 
 # What megatron-core and torch say on every start without a GPU, TE or apex: true, and no news.
 _NOISE = (".*(Transformer Engine|Apex|apex).*(not installed|Falling back).*", "Could not determine rank",
@@ -47,20 +57,48 @@ class _NullStream:
         return None
 
 
+def cpu_forced() -> bool:
+    """Whether MEGAROPE_DEVICE asks for the CPU."""
+    return os.environ.get(DEVICE_ENV, "").strip().lower() == "cpu"
+
+
+def uses_cuda() -> bool:
+    """Whether megarope runs on CUDA: a GPU is there and MEGAROPE_DEVICE does not say cpu."""
+    import torch
+
+    return not cpu_forced() and torch.cuda.is_available()
+
+
+def _patch(owner, name: str, value) -> None:
+    _originals.setdefault((owner, name), getattr(owner, name))
+    setattr(owner, name, value)
+
+
 def apply() -> None:
-    """Patch megatron-core's CUDA assumptions when no GPU is present. Idempotent."""
+    """Patch megatron-core's CUDA assumptions when no GPU is used. Idempotent."""
     import torch
 
     global _applied
-    if _applied or torch.cuda.is_available():
+    if _applied or uses_cuda():
         return
     _applied = True
+    if torch.cuda.is_available():  # MEGAROPE_DEVICE=cpu on a GPU machine: every caller sees no GPU
+        _patch(torch.cuda, "is_available", lambda: False)
     # 1. Buffers and rotary tables are put on torch.cuda.current_device(): make that the CPU.
-    torch.cuda.current_device = lambda: torch.device("cpu")
+    _patch(torch.cuda, "current_device", lambda: torch.device("cpu"))
     # 6. dist_checkpointing syncs the GPU before and after saving.
-    torch.cuda.synchronize = lambda *a, **k: None
+    _patch(torch.cuda, "synchronize", lambda *a, **k: None)
     # 10. DDP's gradient sync orders its buckets on the current CUDA stream.
-    torch.cuda.current_stream = lambda *a, **k: _NullStream()
-    torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()
+    _patch(torch.cuda, "current_stream", lambda *a, **k: _NullStream())
+    _patch(torch.cuda, "stream", lambda *a, **k: contextlib.nullcontext())
     # 2. (RNG) is handled in parallel.py, which seeds megatron's tracker without CUDA generators;
     # 3./5. (causal mask, CP) need no patch: megarope's own core attention builds neither on CUDA.
+
+
+def restore() -> None:
+    """Undo :func:`apply` (the next apply() patches again)."""
+    global _applied
+    for (owner, name), original in _originals.items():
+        setattr(owner, name, original)
+    _originals.clear()
+    _applied = False

@@ -83,7 +83,10 @@ class TrainSection(_Section):
     """Recompute each layer's activations in the backward pass (less memory, ~1/3 more compute)."""
     fp8: Literal["e4m3", "hybrid"] | None = None
     """FP8 matmuls through Transformer Engine (model.backend: te, Hopper or newer GPUs)."""
-    fp8_recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = "delayed"
+    fp8_recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = "tensorwise"
+    """megatron's FP8 recipe names. "tensorwise" (TE's Float8CurrentScaling) scales each tensor from its
+    own current amax and stores no state in checkpoints; "delayed" keeps an amax history that TE
+    checkpoints as a pickle (loaded by megarope's own loads only)."""
     max_nan_skips: int = Field(10, ge=0)
     """Steps whose loss is not finite are skipped (no update); the next one past this many saves and stops."""
 

@@ -2,7 +2,7 @@
 
 Rank and world size come from torchrun (RANK/WORLD_SIZE/LOCAL_RANK) or from Slurm
 (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID); a plain process is a world of one.
-NCCL on GPUs, gloo on CPUs.
+NCCL on GPUs, gloo on CPUs; ``MEGAROPE_DEVICE=cpu`` keeps to the CPU where a GPU exists (compat.py).
 
 The CP layout lives here too: megatron splits each sequence into 2*CP chunks and gives CP rank r
 the chunks r and 2*CP-1-r (so causal attention costs every rank the same).
@@ -51,7 +51,7 @@ def free_port() -> int:
 
 
 def device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device()) if compat.uses_cuda() else torch.device("cpu")
 
 
 def check_sizes(world: int, tp: int, cp: int, pp: int = 1) -> None:
