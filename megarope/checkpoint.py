@@ -1,8 +1,9 @@
 """Checkpoints on megatron's dist_checkpointing: a directory that any TP/CP layout can load.
 
 Layout of one checkpoint directory:
-    megarope.json      what the model is: preset, RoPE config, tokenizer, backend, step, ...
-    tokenizer.model    the sentencepiece model, when there is one (a checkpoint is self-contained)
+    megarope.json      what the model is: preset, RoPE config, lineage, tokenizer, backend, step, ...
+    tokenizer.model    the sentencepiece model, when there is one (a checkpoint is self-contained),
+    or tokenizer/      an HF tokenizer's files (tokenizer.json, tokenizer_config.json, ...)
     model/             dist_checkpointing of the model's sharded state dict
 
 A save is atomic: everything is written into a hidden sibling directory that is renamed into
@@ -23,6 +24,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.validation import StrictHandling
 
+from megarope.data import copy_tokenizer
 from megarope.errors import UsageError
 from megarope.files import partial_dir, replace_dir, write_json_atomic, write_text_atomic
 from megarope.parallel import is_main
@@ -57,12 +59,15 @@ def begin_save(final_dir: str, subdirs: tuple[str, ...] = ()) -> str:
 
 
 def finish_save(tmp: str, final_dir: str, meta: dict, tokenizer_file: str | None = None) -> None:
-    """Write the metadata last, then swap the finished directory into place (rank 0)."""
+    """Write the metadata last, then swap the finished directory into place (rank 0).
+
+    ``tokenizer_file``: a sentencepiece file or an HF tokenizer directory, copied in (data.copy_tokenizer)
+    and recorded in the metadata by its name inside the checkpoint.
+    """
     _barrier()
     if is_main():
         if tokenizer_file:
-            shutil.copyfile(tokenizer_file, os.path.join(tmp, "tokenizer.model"))
-            meta = {**meta, "tokenizer": "tokenizer.model"}
+            meta = {**meta, "tokenizer": copy_tokenizer(tokenizer_file, tmp)}
         write_json_atomic(os.path.join(tmp, META), meta)
         replace_dir(tmp, final_dir)
     _barrier()
@@ -88,7 +93,7 @@ def read_meta(directory: str) -> dict:
 
 
 def tokenizer_path(directory: str) -> str | None:
-    """The tokenizer a checkpoint carries: a file inside it, or a spec such as "bytes"."""
+    """The tokenizer a checkpoint carries: a file or HF tokenizer directory inside it, or a spec such as "bytes"."""
     name = read_meta(directory).get("tokenizer")
     if name is None:
         return None

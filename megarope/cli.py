@@ -37,16 +37,50 @@ def _float(text: str) -> float:
 
 # ---------------------------------------------------------------------------- plan
 def _add_plan(sub) -> None:
-    p = sub.add_parser("plan", help="which base for which context, and where a base breaks (the scaling law)")
-    p.add_argument("--head-dim", type=_positive_int, default=128, help="attention head dimension d (default 128)")
-    p.add_argument("--train-len", type=_positive_int, default=4096, help="pretraining length (default 4096)")
-    p.add_argument("--tune-len", type=_positive_int, default=None, help="continued-training length (default: --train-len)")
-    p.add_argument("--pretrain-base", type=_float, default=10000.0, help="base used in pretraining (default 10000)")
-    p.add_argument("--base", type=_float, action="append", default=[], help="a base to assess (repeatable)")
+    p = sub.add_parser("plan", help="which base for which context, and where a base breaks (the scaling law)",
+                       description="The scaling law for a head dimension, pretraining and tuning length and base. "
+                                   "--from CHECKPOINT (a megarope checkpoint, a training run or an HF model "
+                                   "directory) takes them from its lineage; flags given as well win.")
+    p.add_argument("--from", dest="source", metavar="CHECKPOINT|HF_DIR",
+                   help="take head dim, rotary share, pretraining base and length, tune length and base from it")
+    p.add_argument("--head-dim", type=_positive_int, help="attention head dimension (default 128)")
+    p.add_argument("--rotary-percent", type=_float, help="share of each head that rotates (default 1)")
+    p.add_argument("--train-len", type=_positive_int, help="pretraining length (default 4096)")
+    p.add_argument("--tune-len", type=_positive_int, help="continued-training length (default: --train-len)")
+    p.add_argument("--pretrain-base", type=_float, help="base used in pretraining (default 10000)")
+    p.add_argument("--base", type=_float, action="append", default=[],
+                   help="a base to assess (repeatable; with --from, default: its base)")
     p.add_argument("--target-len", type=_positive_int, action="append", default=[], help="a target context (repeatable)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.add_argument("--plot", metavar="FILE.png", help="draw periods and bounds to a PNG")
     p.set_defaults(run=_run_plan)
+
+
+def _plan_source(path: str) -> tuple[dict, dict]:
+    """(defaults for the plan's numbers, the lineage as a dict) of a checkpoint, training run or HF directory."""
+    import os
+
+    from megarope import lineage
+
+    if os.path.isfile(os.path.join(path, "config.json")) and not os.path.isfile(os.path.join(path, "megarope.json")):
+        from megarope import convert
+
+        cfg = convert.read_hf_config(path)
+        _, preset, rope = convert.hf_fields(cfg)
+        meta = {"preset": preset, "rope": rope, "source": "hf", "hf_config": cfg}
+    else:
+        from megarope import checkpoint  # imports torch: only for --from a checkpoint
+
+        directory = path if os.path.isfile(os.path.join(path, checkpoint.META)) else checkpoint.latest_checkpoint(path)
+        if directory is None:
+            raise UsageError(f"--from {path}: neither a megarope checkpoint, a training run nor an HF model directory")
+        meta = checkpoint.read_meta(directory)
+    lin = lineage.lineage_of(meta)
+    preset = meta["preset"]
+    defaults = {"head_dim": preset.get("kv_channels") or preset["hidden_size"] // preset["num_heads"],
+                "rotary_percent": float(meta["rope"].get("rotary_percent", 1.0)), "train_len": lin.pretrain_len,
+                "tune_len": lin.effective_tune_len, "pretrain_base": lin.pretrain_base, "base": [meta["rope"]["base"]]}
+    return defaults, lin.to_dict()
 
 
 def _run_plan(args) -> None:
@@ -54,11 +88,21 @@ def _run_plan(args) -> None:
 
     if args.plot and not args.plot.lower().endswith(".png"):
         raise UsageError(f"--plot wants a .png path, got {args.plot!r}")
+    defaults = {"head_dim": 128, "rotary_percent": 1.0, "train_len": 4096, "tune_len": None, "pretrain_base": 10000.0,
+                "base": []}
+    lineage = None
+    if args.source:
+        found, lineage = _plan_source(args.source)
+        defaults.update(found)
+    given = {k: getattr(args, k) for k in defaults if getattr(args, k) not in (None, [])}
+    values = {**defaults, **given}
     try:
-        plan = planner.make_plan(args.head_dim, args.train_len, args.tune_len, args.base, args.target_len,
-                                 args.pretrain_base)
+        plan = planner.make_plan(values["head_dim"], values["train_len"], values["tune_len"], values["base"],
+                                 args.target_len, values["pretrain_base"], values["rotary_percent"])
     except ValueError as e:
         raise UsageError(str(e)) from None
+    if lineage is not None:
+        plan = {"from": args.source, "lineage": lineage, **plan}
     print(json.dumps(plan, indent=2) if args.json else planner.format_plan(plan))
     if args.plot:
         planner.plot_plan(plan, args.plot)
@@ -71,7 +115,9 @@ def _add_preprocess(sub) -> None:
     p = sub.add_parser("preprocess", help="tokenize text/JSONL into a megatron indexed dataset (.bin/.idx)")
     p.add_argument("--input", action="append", required=True, metavar="FILE.jsonl|DIR",
                    help="JSONL with a \"text\" field, a plain text file, or a directory of them (repeatable)")
-    p.add_argument("--tokenizer", metavar="PATH|bytes", help="a sentencepiece .model, or 'bytes'")
+    p.add_argument("--tokenizer", metavar="PATH|DIR|bytes",
+                   help="a sentencepiece .model, an HF tokenizer directory (tokenizer.json / tokenizer_config.json), "
+                        "or 'bytes'")
     p.add_argument("--output-prefix", required=True, metavar="P", help="writes P.bin and P.idx")
     p.add_argument("--train-tokenizer", type=_positive_int, metavar="VOCAB_SIZE",
                    help="first train a sentencepiece BPE tokenizer on the inputs, to P.tokenizer.model")
@@ -91,36 +137,51 @@ def _run_preprocess(args) -> None:
 
 # ---------------------------------------------------------------------------- convert
 def _add_convert(sub) -> None:
-    p = sub.add_parser("convert", help="HF LLaMA checkpoint <-> megarope checkpoint (megatron dist_checkpointing)",
+    p = sub.add_parser("convert", help="HF llama/mistral/qwen2 checkpoint <-> megarope checkpoint (dist_checkpointing)",
                        description="--from-hf HF_DIR --to MCORE_DIR [--tp N], or --from-mcore MCORE_DIR --to-hf HF_DIR. "
-                                   "The megarope checkpoint loads at any TP/CP layout (dist_checkpointing reshards).")
+                                   "Families: llama (Llama-2, Llama-3.x), mistral, qwen2. The megarope checkpoint "
+                                   "loads at any TP/CP layout (dist_checkpointing reshards) and carries the "
+                                   "tokenizer and the pretraining lineage the scaling law needs.")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--from-hf", metavar="HF_DIR", help="LLaMA config.json + *.safetensors or pytorch_model*.bin")
+    src.add_argument("--from-hf", metavar="HF_DIR", help="config.json + *.safetensors or pytorch_model*.bin")
     src.add_argument("--from-mcore", metavar="MCORE_DIR", help="a megarope checkpoint directory")
     p.add_argument("--to", metavar="MCORE_DIR", help="megarope checkpoint to write (with --from-hf)")
     p.add_argument("--to-hf", metavar="HF_DIR", help="HF directory to write (with --from-mcore): fp32 model.safetensors")
     p.add_argument("--tp", type=_positive_int, default=1,
                    help="intended TP size: checked against the model's heads/KV heads/FFN and recorded; "
                         "the checkpoint itself loads at any TP/CP (default 1)")
+    p.add_argument("--tokenizer", metavar="PATH|DIR|bytes",
+                   help="the tokenizer to carry (default: HF_DIR's own tokenizer.json/tokenizer_config.json or "
+                        "tokenizer.model)")
+    p.add_argument("--pretrain-base", type=_float, metavar="B",
+                   help="the RoPE base the model was pretrained with (default: config.json's rope_theta)")
+    p.add_argument("--pretrain-len", type=_positive_int, metavar="T",
+                   help="its pretraining length (default: original_max_position_embeddings, else "
+                        "max_position_embeddings)")
+    p.add_argument("--tune-len", type=_positive_int, metavar="T",
+                   help="the length it was last trained at (default: max_position_embeddings)")
     p.set_defaults(run=_run_convert)
 
 
 def _run_convert(args) -> None:
     from megarope import convert  # imports megatron only once the inputs have been checked
 
+    lineage_flags = {"pretrain_base": args.pretrain_base, "pretrain_len": args.pretrain_len, "tune_len": args.tune_len}
     try:
         if args.from_hf:
             if not args.to or args.to_hf:
                 raise UsageError("--from-hf needs --to MCORE_DIR (and no --to-hf)")
-            meta = convert.hf_to_mcore(args.from_hf, args.to, args.tp)
-            print(f"converted {args.from_hf} -> {args.to} ({meta['preset']['num_layers']} layers, "
-                  f"RoPE base {meta['rope']['base']:g}, intended TP {args.tp})")
+            meta = convert.hf_to_mcore(args.from_hf, args.to, args.tp, args.tokenizer, **lineage_flags)
+            print(f"converted {args.from_hf} -> {args.to} (intended TP {args.tp})")
+            print(convert.describe_conversion(meta))
         else:
-            if not args.to_hf or args.to or args.tp != 1:
-                raise UsageError("--from-mcore needs --to-hf HF_DIR (and no --to or --tp)")
+            if not args.to_hf or args.to or args.tp != 1 or args.tokenizer or any(lineage_flags.values()):
+                raise UsageError("--from-mcore needs --to-hf HF_DIR (and none of --to, --tp, --tokenizer, "
+                                 "--pretrain-*, --tune-len)")
             cfg = convert.mcore_to_hf(args.from_mcore, args.to_hf)
-            print(f"exported {args.from_mcore} -> {args.to_hf} ({cfg['num_hidden_layers']} layers, "
-                  f"RoPE base {cfg['rope_theta']:g})")
+            print(f"exported {args.from_mcore} -> {args.to_hf} ({cfg['model_type']}, {cfg['num_hidden_layers']} "
+                  f"layers, RoPE base {cfg['rope_theta']:g}, rope_type {cfg['rope_parameters']['rope_type']}, "
+                  f"tie_word_embeddings {str(cfg['tie_word_embeddings']).lower()})")
     finally:
         if "megarope.parallel" in sys.modules:  # a conversion got past validation
             sys.modules["megarope.parallel"].destroy()

@@ -34,6 +34,18 @@ class ModelSection(_Section):
     """"te": Transformer Engine layers (GPUs; needed for FP8). "local": megatron-core's own layers."""
 
 
+class YarnSection(_Section):
+    """The fields of megarope.rope.Yarn (see there): YaRN through megatron-core's own table."""
+
+    factor: float = Field(gt=0)
+    original_len: int = Field(ge=1)
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
+    truncate: bool = True
+
+
 class RopeSection(_Section):
     """The fields of megarope.rope.RopeConfig (see there); train_len defaults to train.seq_len."""
 
@@ -45,6 +57,10 @@ class RopeSection(_Section):
     log_scale_ref: int | None = Field(None, ge=2)
     linear_factor: float | None = None
     llama3_factor: float | None = None
+    llama3_low_freq_factor: float = 1.0
+    llama3_high_freq_factor: float = 4.0
+    llama3_original_len: int = Field(8192, ge=1)
+    yarn: YarnSection | None = None
 
 
 class ParallelSection(_Section):

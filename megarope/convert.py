@@ -1,15 +1,16 @@
-"""HF LLaMA checkpoints <-> megarope checkpoints (megatron dist_checkpointing).
+"""HF checkpoints of the LLaMA family (llama, mistral, qwen2) <-> megarope checkpoints.
 
 HF -> megarope: config.json is read directly (both the old top-level ``rope_theta``/``rope_scaling``
-and the newer ``rope_parameters``), every tensor's name and shape is checked against it before
-anything heavy is imported, then a TP=1 model is filled and saved with checkpoint.save_model.
-dist_checkpointing reshards at load time, so one saved checkpoint serves every TP/CP layout.
+and the newer ``rope_parameters``), every tensor's name and shape and the tokenizer are checked
+against it before anything heavy is imported, then the model is filled and saved with
+checkpoint.save_model (dist_checkpointing reshards at load time: one checkpoint serves every TP/CP
+layout). ``load_hf`` does the same in memory, for the parallel layout already set up, writing nothing.
 
-Weight layout: megatron's linear_qkv holds, for each query group g, [the group's q heads, k_g, v_g]
-along dim 0; linear_fc1 is cat([gate, up]). HF's q/k rows are already in the rotate_half order
-that megatron's non-interleaved RoPE uses, so no permutation is needed.
-Tied embeddings (tie_word_embeddings) are converted by copying the embedding into the output layer:
-megarope always trains them untied.
+Each family is one table of megatron <-> HF names (FAMILIES). Weight layout: megatron's linear_qkv
+holds, for each query group g, [the group's q heads, k_g, v_g] along dim 0 (its bias too);
+linear_fc1 is cat([gate, up]). HF's q/k rows are already in the rotate_half order that megatron's
+non-interleaved RoPE uses, so no permutation is needed. Tied embeddings stay tied (megatron's
+share_embeddings_and_output_weights).
 """
 
 from __future__ import annotations
@@ -19,11 +20,51 @@ import json
 import os
 import shutil
 import struct
+from dataclasses import asdict, dataclass
 
+from megarope import lineage as lineages
 from megarope.errors import UsageError
 from megarope.files import atomic_dir
 
-LLAMA3_DEFAULTS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+# One row per tensor: the megatron name (TP=1), the HF name(s) fused into it in this order, and each HF
+# tensor's shape in the dimensions h (hidden), q (heads x head dim), kv (KV heads x head dim), f (FFN), v (vocab).
+# "{i}" is the layer. linear_qkv fuses by query group, the other fused rows concatenate along dim 0.
+LLAMA_TABLE = (
+    ("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), ("v h",)),
+    ("decoder.final_layernorm.weight", ("model.norm.weight",), ("h",)),
+    ("output_layer.weight", ("lm_head.weight",), ("v h",)),  # absent when the embeddings are tied
+    ("decoder.layers.{i}.input_layernorm.weight", ("model.layers.{i}.input_layernorm.weight",), ("h",)),
+    ("decoder.layers.{i}.self_attention.linear_qkv.weight",
+     ("model.layers.{i}.self_attn.q_proj.weight", "model.layers.{i}.self_attn.k_proj.weight",
+      "model.layers.{i}.self_attn.v_proj.weight"), ("q h", "kv h", "kv h")),
+    ("decoder.layers.{i}.self_attention.linear_proj.weight", ("model.layers.{i}.self_attn.o_proj.weight",), ("h q",)),
+    ("decoder.layers.{i}.pre_mlp_layernorm.weight", ("model.layers.{i}.post_attention_layernorm.weight",), ("h",)),
+    ("decoder.layers.{i}.mlp.linear_fc1.weight",
+     ("model.layers.{i}.mlp.gate_proj.weight", "model.layers.{i}.mlp.up_proj.weight"), ("f h", "f h")),
+    ("decoder.layers.{i}.mlp.linear_fc2.weight", ("model.layers.{i}.mlp.down_proj.weight",), ("h f",)),
+)
+QWEN2_TABLE = LLAMA_TABLE + (
+    ("decoder.layers.{i}.self_attention.linear_qkv.bias",
+     ("model.layers.{i}.self_attn.q_proj.bias", "model.layers.{i}.self_attn.k_proj.bias",
+      "model.layers.{i}.self_attn.v_proj.bias"), ("q", "kv", "kv")),
+)
+VOCAB_ROWS = ("embedding.word_embeddings.weight", "output_layer.weight")  # padded to a multiple of 128
+
+
+@dataclass(frozen=True)
+class Family:
+    model_type: str
+    architecture: str
+    table: tuple
+    qkv_bias: bool = False
+
+
+FAMILIES = {
+    "llama": Family("llama", "LlamaForCausalLM", LLAMA_TABLE),
+    "mistral": Family("mistral", "MistralForCausalLM", LLAMA_TABLE),
+    "qwen2": Family("qwen2", "Qwen2ForCausalLM", QWEN2_TABLE, qkv_bias=True),
+}
+SUPPORTED = "llama (Llama-2, Llama-3.x), mistral and qwen2"
 
 
 def read_hf_config(hf_dir: str) -> dict:
@@ -34,64 +75,126 @@ def read_hf_config(hf_dir: str) -> dict:
         return json.load(f)
 
 
-def hf_fields(cfg: dict) -> tuple[dict, dict]:
-    """config.json -> (megarope Preset fields, RopeConfig fields); UsageError for what we cannot convert."""
-    archs = cfg.get("architectures") or ["LlamaForCausalLM"]
-    if cfg.get("model_type") != "llama" or "LlamaForCausalLM" not in archs:
-        raise UsageError(f"only LLaMA checkpoints convert (model_type llama, LlamaForCausalLM); got model_type "
-                         f"{cfg.get('model_type')!r}, architectures {archs}")
-    missing = [k for k in ("hidden_size", "num_attention_heads", "intermediate_size", "num_hidden_layers",
-                           "vocab_size", "max_position_embeddings") if k not in cfg]
-    if missing:
-        raise UsageError(f"config.json lacks {', '.join(missing)}")
-    hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
-    groups = cfg.get("num_key_value_heads") or heads
-    if hidden % heads or heads % groups or cfg.get("head_dim", hidden // heads) not in (None, hidden // heads):
-        raise UsageError(f"unsupported attention shape: hidden {hidden}, heads {heads}, kv heads {groups}, "
-                         f"head_dim {cfg.get('head_dim')} (head_dim must be hidden/heads)")
-    if cfg.get("hidden_act", "silu") != "silu" or cfg.get("attention_bias") or cfg.get("mlp_bias"):
-        raise UsageError("unsupported LLaMA variant: needs hidden_act silu and no attention/MLP biases")
-    params = dict(cfg.get("rope_scaling") or cfg.get("rope_parameters") or {})
+def family_of(cfg: dict) -> Family:
+    model_type = cfg.get("model_type")
+    archs = cfg.get("architectures")
+    family = FAMILIES.get(model_type)
+    if family is None or (archs and family.architecture not in archs):
+        raise UsageError(f"model_type {model_type!r} (architectures {archs}) does not convert: megarope converts the "
+                         f"{SUPPORTED} families")
+    return family
+
+
+def _check_family_options(family: Family, cfg: dict) -> None:
+    """What each family may vary that megarope's decoder does not."""
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise UsageError(f"hidden_act {cfg['hidden_act']!r}: the {family.model_type} family converts with silu only")
+    if family.model_type == "llama" and (cfg.get("attention_bias") or cfg.get("mlp_bias")):
+        raise UsageError("a llama with attention_bias or mlp_bias does not convert (qwen2 biases q/k/v only)")
+    if family.model_type == "mistral" and cfg.get("sliding_window", 4096) is not None:  # transformers' default: 4096
+        raise UsageError(f"mistral with sliding_window {cfg.get('sliding_window', 4096)}: megarope attends to the "
+                         f"whole causal context, so only sliding_window null converts")
+    if family.model_type == "qwen2" and (cfg.get("use_sliding_window")
+                                         or "sliding_attention" in (cfg.get("layer_types") or [])):
+        raise UsageError("qwen2 with use_sliding_window: megarope attends to the whole causal context, so only "
+                         "full attention converts")
+
+
+def rope_fields(cfg: dict) -> dict:
+    """config.json's RoPE (theta and rope_scaling / rope_parameters) as megarope RopeConfig fields, exactly."""
+    params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
     rtype = params.get("rope_type", params.get("type", "default"))
     max_len = cfg["max_position_embeddings"]
     rope = {"base": float(params.get("rope_theta", cfg.get("rope_theta", 10000.0))), "train_len": max_len}
     if params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)) != 1.0:
         raise UsageError("partial_rotary_factor != 1 is not a LLaMA layout")
-    if rtype != "default" and not isinstance(params.get("factor"), (int, float)):
+    factor = params.get("factor")
+    if rtype not in ("default", "yarn") and not isinstance(factor, (int, float)):
         raise UsageError(f"RoPE type {rtype!r} needs a numeric 'factor' in config.json")
     if rtype == "linear":
-        rope["linear_factor"] = float(params["factor"])
+        rope["linear_factor"] = float(factor)
     elif rtype == "dynamic":  # transformers scales from max_position_embeddings (ignoring any "original" length)
-        rope.update(dynamic_ntk=True, ntk_alpha=float(params["factor"]))
-    elif rtype == "llama3":
-        odd = {k: params[k] for k, v in LLAMA3_DEFAULTS.items() if k in params and params[k] != v}
-        if odd:
-            raise UsageError(f"llama3 RoPE scaling: megatron supports only {LLAMA3_DEFAULTS}, got {odd}")
-        rope["llama3_factor"] = float(params["factor"])
+        rope.update(dynamic_ntk=True, ntk_alpha=float(factor))
+    elif rtype == "llama3":  # the original length defaults as transformers' standardize_rope_params sets it
+        rope.update(llama3_factor=float(factor), llama3_low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+                    llama3_high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+                    llama3_original_len=int(params.get("original_max_position_embeddings")
+                                            or cfg.get("original_max_position_embeddings") or max_len))
+    elif rtype == "yarn":
+        rope["yarn"] = _yarn_fields(params, cfg)
     elif rtype != "default":
-        raise UsageError(f"unsupported RoPE type {rtype!r} (default, linear, dynamic, llama3 convert)")
+        raise UsageError(f"unsupported RoPE type {rtype!r} (default, linear, dynamic, llama3 and yarn convert)")
+    return rope
+
+
+def _yarn_fields(params: dict, cfg: dict) -> dict:
+    """transformers' YaRN parameters as megatron's (rope.Yarn): the same ramp and the same temperature."""
+    import math
+
+    original = int(params.get("original_max_position_embeddings") or cfg.get("original_max_position_embeddings")
+                   or cfg["max_position_embeddings"])
+    factor = params.get("factor")
+    factor = float(factor) if factor is not None else cfg["max_position_embeddings"] / original  # as transformers
+    yarn = {"factor": factor, "original_len": original, "beta_fast": float(params.get("beta_fast") or 32),
+            "beta_slow": float(params.get("beta_slow") or 1), "truncate": bool(params.get("truncate", True))}
+    mscale, mscale_all_dim, attention = params.get("mscale"), params.get("mscale_all_dim"), params.get("attention_factor")
+    if attention is not None:  # the temperature itself: megatron takes it as mscale over a denominator of 1
+        if factor <= 1 and attention != 1:
+            raise UsageError(f"yarn attention_factor {attention} with factor {factor} <= 1 has no megatron equivalent")
+        yarn["mscale"] = 1.0 if factor <= 1 else (float(attention) - 1.0) / (0.1 * math.log(factor))
+    elif mscale and mscale_all_dim:  # transformers uses both only when both are set (and non-zero)
+        yarn.update(mscale=float(mscale), mscale_all_dim=float(mscale_all_dim))
+    return yarn
+
+
+def hf_fields(cfg: dict) -> tuple[Family, dict, dict]:
+    """config.json -> (family, megarope Preset fields, RopeConfig fields); UsageError for what does not convert."""
+    family = family_of(cfg)
+    missing = [k for k in ("hidden_size", "num_attention_heads", "intermediate_size", "num_hidden_layers",
+                           "vocab_size", "max_position_embeddings") if k not in cfg]
+    if missing:
+        raise UsageError(f"config.json lacks {', '.join(missing)}")
+    _check_family_options(family, cfg)
+    hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    groups = cfg.get("num_key_value_heads") or heads
+    head_dim = cfg.get("head_dim") or (hidden // heads if hidden % heads == 0 else None)
+    if head_dim is None or heads % groups:
+        raise UsageError(f"unsupported attention shape: hidden {hidden}, heads {heads}, kv heads {groups}, "
+                         f"head_dim {cfg.get('head_dim')}")
     preset = dict(num_layers=cfg["num_hidden_layers"], hidden_size=hidden, num_heads=heads, num_query_groups=groups,
-                  ffn_hidden_size=cfg["intermediate_size"], vocab_size=cfg["vocab_size"], max_seq_len=max_len,
-                  norm_eps=float(cfg.get("rms_norm_eps", 1e-6)))
-    return preset, rope
+                  ffn_hidden_size=cfg["intermediate_size"], vocab_size=cfg["vocab_size"],
+                  max_seq_len=cfg["max_position_embeddings"], norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+                  kv_channels=head_dim if head_dim != hidden // heads else None,
+                  tie_embeddings=bool(cfg.get("tie_word_embeddings", False)), qkv_bias=family.qkv_bias)
+    return family, preset, rope_fields(cfg)
 
 
-def hf_shapes(p: dict, tied: bool) -> dict[str, tuple]:
-    """Every tensor an HF LLaMA checkpoint of these Preset fields holds, with its shape."""
-    h, f, v = p["hidden_size"], p["ffn_hidden_size"], p["vocab_size"]
-    hd = h // p["num_heads"]
-    q, kv = p["num_heads"] * hd, p["num_query_groups"] * hd
-    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
-    if not tied:
-        shapes["lm_head.weight"] = (v, h)
-    for i in range(p["num_layers"]):
-        pre = f"model.layers.{i}."
-        shapes.update({pre + "self_attn.q_proj.weight": (q, h), pre + "self_attn.k_proj.weight": (kv, h),
-                       pre + "self_attn.v_proj.weight": (kv, h), pre + "self_attn.o_proj.weight": (h, q),
-                       pre + "mlp.gate_proj.weight": (f, h), pre + "mlp.up_proj.weight": (f, h),
-                       pre + "mlp.down_proj.weight": (h, f), pre + "input_layernorm.weight": (h,),
-                       pre + "post_attention_layernorm.weight": (h,)})
-    return shapes
+def family_for(meta: dict) -> Family:
+    """The family a megarope checkpoint exports as: the one it was converted from, else llama (qwen2 with q/k/v biases)."""
+    name = meta.get("family") or ("qwen2" if meta["preset"].get("qkv_bias") else "llama")
+    return FAMILIES[name]
+
+
+def _dims(p: dict) -> dict[str, int]:
+    head_dim = p.get("kv_channels") or p["hidden_size"] // p["num_heads"]
+    return {"h": p["hidden_size"], "q": p["num_heads"] * head_dim, "kv": p["num_query_groups"] * head_dim,
+            "f": p["ffn_hidden_size"], "v": p["vocab_size"]}
+
+
+def rows(family: Family, p: dict):
+    """(megatron name, HF names, HF shapes) of every tensor of a model of Preset fields ``p``."""
+    dims = _dims(p)
+    for mcore, hf, shapes in family.table:
+        if mcore == "output_layer.weight" and p.get("tie_embeddings"):
+            continue
+        shapes = tuple(tuple(dims[d] for d in s.split()) for s in shapes)
+        for i in range(p["num_layers"]) if "{i}" in mcore else [None]:
+            yield mcore.format(i=i), tuple(n.format(i=i) for n in hf), shapes
+
+
+def hf_shapes(family: Family, p: dict) -> dict[str, tuple]:
+    """Every tensor an HF checkpoint of this family and these Preset fields holds, with its shape."""
+    return {name: shape for _, names, shapes in rows(family, p) for name, shape in zip(names, shapes)}
 
 
 class HFWeights:
@@ -144,7 +247,8 @@ class HFWeights:
         if expected.keys() - names:
             raise UsageError(f"tensor {sorted(expected.keys() - names)[0]} is missing from the checkpoint")
         if names - expected.keys():
-            raise UsageError(f"unexpected tensor {sorted(names - expected.keys())[0]} (not a plain LLaMA checkpoint?)")
+            raise UsageError(f"unexpected tensor {sorted(names - expected.keys())[0]} (not a plain checkpoint of "
+                             f"its family?)")
         for name, shape in expected.items():
             if self.shapes[name] != shape:
                 raise UsageError(f"tensor {name} has shape {list(self.shapes[name])}, expected {list(shape)}")
@@ -159,78 +263,169 @@ class HFWeights:
         return handle[name] if isinstance(handle, dict) else handle.get_tensor(name)
 
 
-def hf_to_mcore_state(get, p: dict, tied: bool) -> dict:
-    """Full (TP=1) megatron tensors from HF tensors (``get(name)``); vocab padded with zero rows."""
+def hf_to_mcore_state(get, family: Family, p: dict) -> dict:
+    """Full (TP=1) megatron tensors from HF tensors (``get(name)``), by the family's table; vocab padded
+    with zero rows to megarope's multiple of 128."""
     import torch
 
-    h, groups = p["hidden_size"], p["num_query_groups"]
-    padded = -(-p["vocab_size"] // 128) * 128
+    from megarope.model import VOCAB_MULTIPLE
 
-    def pad(t):
-        return torch.cat([t, t.new_zeros(padded - t.shape[0], t.shape[1])])
-
-    state = {"embedding.word_embeddings.weight": pad(get("model.embed_tokens.weight")),
-             "output_layer.weight": pad(get("model.embed_tokens.weight" if tied else "lm_head.weight")),
-             "decoder.final_layernorm.weight": get("model.norm.weight")}
-    for i in range(p["num_layers"]):
-        src, dst = f"model.layers.{i}.", f"decoder.layers.{i}."
-        q, k, v = (get(f"{src}self_attn.{x}_proj.weight").reshape(groups, -1, h) for x in "qkv")
-        state.update({
-            dst + "self_attention.linear_qkv.weight": torch.cat([q, k, v], dim=1).reshape(-1, h),
-            dst + "self_attention.linear_proj.weight": get(src + "self_attn.o_proj.weight"),
-            dst + "mlp.linear_fc1.weight": torch.cat([get(src + "mlp.gate_proj.weight"), get(src + "mlp.up_proj.weight")]),
-            dst + "mlp.linear_fc2.weight": get(src + "mlp.down_proj.weight"),
-            dst + "input_layernorm.weight": get(src + "input_layernorm.weight"),
-            dst + "pre_mlp_layernorm.weight": get(src + "post_attention_layernorm.weight")})
+    padded = -(-p["vocab_size"] // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    groups = p["num_query_groups"]
+    state = {}
+    for mcore, names, _ in rows(family, p):
+        parts = [get(n) for n in names]
+        if ".linear_qkv." in mcore:  # per query group: [its q heads; k; v]
+            rest = parts[0].shape[1:]
+            t = torch.cat([x.reshape(groups, -1, *rest) for x in parts], dim=1).reshape(-1, *rest)
+        else:
+            t = torch.cat(parts) if len(parts) > 1 else parts[0]
+        if mcore in VOCAB_ROWS:
+            t = torch.cat([t, t.new_zeros(padded - t.shape[0], *t.shape[1:])])
+        state[mcore] = t
     return state
 
 
-def mcore_to_hf_state(state: dict, p: dict) -> dict:
+def mcore_to_hf_state(state: dict, family: Family, p: dict) -> dict:
     """The inverse of hf_to_mcore_state: HF tensors (contiguous, padded vocab rows dropped)."""
-    h, heads, groups, v = p["hidden_size"], p["num_heads"], p["num_query_groups"], p["vocab_size"]
-    hd = h // heads
-    out = {"model.embed_tokens.weight": state["embedding.word_embeddings.weight"][:v],
-           "lm_head.weight": state["output_layer.weight"][:v],
-           "model.norm.weight": state["decoder.final_layernorm.weight"]}
-    for i in range(p["num_layers"]):
-        src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
-        qkv = state[src + "self_attention.linear_qkv.weight"].reshape(groups, -1, h)
-        q, k, v_ = qkv.split([heads // groups * hd, hd, hd], dim=1)
-        gate, up = state[src + "mlp.linear_fc1.weight"].chunk(2)
-        out.update({dst + "self_attn.q_proj.weight": q.reshape(-1, h), dst + "self_attn.k_proj.weight": k.reshape(-1, h),
-                    dst + "self_attn.v_proj.weight": v_.reshape(-1, h),
-                    dst + "self_attn.o_proj.weight": state[src + "self_attention.linear_proj.weight"],
-                    dst + "mlp.gate_proj.weight": gate, dst + "mlp.up_proj.weight": up,
-                    dst + "mlp.down_proj.weight": state[src + "mlp.linear_fc2.weight"],
-                    dst + "input_layernorm.weight": state[src + "input_layernorm.weight"],
-                    dst + "post_attention_layernorm.weight": state[src + "pre_mlp_layernorm.weight"]})
+    dims = _dims(p)
+    out = {}
+    for mcore, names, shapes in rows(family, p):
+        t = state[mcore]
+        if mcore in VOCAB_ROWS:
+            t = t[:dims["v"]]
+        if ".linear_qkv." in mcore:
+            rest = t.shape[1:]
+            per_group = [s[0] // p["num_query_groups"] for s in shapes]
+            parts = [x.reshape(-1, *rest) for x in t.reshape(p["num_query_groups"], -1, *rest).split(per_group, dim=1)]
+        else:
+            parts = t.split([s[0] for s in shapes]) if len(names) > 1 else [t]
+        out.update(zip(names, parts))
     return {k: t.detach().contiguous().clone() for k, t in out.items()}
 
 
-def hf_config_from_meta(meta: dict) -> dict:
-    """A transformers LlamaConfig dict: rope_parameters (new readers), rope_theta/rope_scaling (old ones)."""
-    p, rope = meta["preset"], meta["rope"]
-    if rope.get("log_scale_ref") is not None or rope.get("rotary_percent", 1.0) != 1.0:
-        raise UsageError("log-scaled attention and partial rotary have no HF LLaMA equivalent; "
-                         "export without them (they are load-time options)")
-    params = {"rope_type": "default"}
-    if rope.get("llama3_factor"):
-        params = {"rope_type": "llama3", "factor": rope["llama3_factor"], **LLAMA3_DEFAULTS}
-    elif rope.get("linear_factor"):
-        params = {"rope_type": "linear", "factor": rope["linear_factor"]}
-    elif rope.get("dynamic_ntk"):
-        params = {"rope_type": "dynamic", "factor": rope.get("ntk_alpha", 1.0)}
-    cfg = {k: v for k, v in (meta.get("hf_config") or {}).items() if k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    cfg.update(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=p["vocab_size"],
-               hidden_size=p["hidden_size"], intermediate_size=p["ffn_hidden_size"],
-               num_hidden_layers=p["num_layers"], num_attention_heads=p["num_heads"],
-               num_key_value_heads=p["num_query_groups"], head_dim=p["hidden_size"] // p["num_heads"],
-               hidden_act="silu", max_position_embeddings=rope["train_len"], rms_norm_eps=p["norm_eps"],
-               tie_word_embeddings=False, attention_bias=False, mlp_bias=False, rope_theta=rope["base"],
-               rope_parameters={"rope_theta": rope["base"], **params}, torch_dtype="float32", dtype="float32")
-    if params["rope_type"] != "default":
-        cfg["rope_scaling"] = params  # what transformers 4.x reads (5.x prefers it too when present)
-    return cfg
+def load_full_state(model, full: dict) -> None:
+    """Load full (TP=1) megatron tensors into ``model``, whatever TP layout it was built for.
+
+    Each rank takes its piece of each tensor where the model's sharded state dict says it lies in the
+    global tensor -- what dist_checkpointing reads from a checkpoint, SwiGLU's gate/up halves included
+    through megatron's own factories -- so no layout rule is repeated here.
+    """
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, apply_factory_merges
+    from megatron.core.dist_checkpointing.state_dict_utils import load_preprocess
+
+    sharded, _, factories = load_preprocess(model.sharded_state_dict())
+    tensors = {n for n, v in sharded.items() if not isinstance(v, ShardedObject)}
+    if tensors != full.keys():
+        odd = sorted(tensors ^ full.keys())
+        raise ValueError(f"tensors of the model and of the state differ: {odd[:3]}")
+
+    def piece(name, sh):
+        if isinstance(sh, ShardedObject):  # e.g. TE's extra state: kept as the model has it
+            return sh.data
+        t = full[name]
+        if tuple(t.shape) != tuple(sh.global_shape[sh.prepend_axis_num:]):
+            raise ValueError(f"{name}: shape {list(t.shape)}, the model's is {list(sh.global_shape)}")
+        index = tuple(slice(o, o + n) for o, n in zip(sh.global_offset[sh.prepend_axis_num:], sh.local_shape))
+        return t[index].to(sh.dtype)
+
+    loaded = {n: [piece(n, x) for x in v] if isinstance(v, list) else piece(n, v) for n, v in sharded.items()}
+    model.load_state_dict(apply_factory_merges(loaded, factories))
+
+
+# ----------------------------------------------------------------------------------------------- HF -> megarope
+@dataclass
+class HFSource:
+    """An HF directory, checked: everything conversion needs, nothing loaded yet."""
+
+    path: str
+    config: dict
+    family: Family
+    preset: dict
+    rope: dict
+    weights: HFWeights
+    lineage: lineages.Lineage
+    tokenizer: object | None  # a megarope.data.Tokenizer
+
+
+def inspect_hf(hf_dir: str, tokenizer: str | None = None, pretrain_base: float | None = None,
+               pretrain_len: int | None = None, tune_len: int | None = None, tp: int = 1) -> HFSource:
+    """Check an HF directory before anything is built or written: config, tensors, tokenizer, lineage."""
+    cfg = read_hf_config(hf_dir)
+    family, preset, rope = hf_fields(cfg)
+    for what, n in (("attention heads", preset["num_heads"]), ("KV heads", preset["num_query_groups"]),
+                    ("FFN size", preset["ffn_hidden_size"])):
+        if n % tp:
+            raise UsageError(f"--tp {tp} does not divide the model's {what} ({n})")
+    try:
+        lineage = lineages.from_hf_config(cfg, pretrain_base, pretrain_len, tune_len)
+    except ValueError as e:
+        raise UsageError(f"lineage: {e}") from None
+    if lineage.tune_len < lineage.pretrain_len and any(v is not None for v in (pretrain_len, tune_len)):
+        raise UsageError(f"tune length {lineage.tune_len} ({lineage.sources['tune_len']}) is shorter than the "
+                         f"pretraining length {lineage.pretrain_len} ({lineage.sources['pretrain_len']})")
+    weights = HFWeights(hf_dir)
+    expected = hf_shapes(family, preset)
+    if preset["tie_embeddings"]:  # a tied checkpoint may also store lm_head: it equals the embedding, unused
+        expected.update({k: weights.shapes[k] for k in ("lm_head.weight",) if k in weights.shapes})
+    weights.check(expected)
+    return HFSource(hf_dir, cfg, family, preset, rope, weights, lineage,
+                    _tokenizer_for(hf_dir, tokenizer, preset["vocab_size"]))
+
+
+def _tokenizer_for(hf_dir: str, spec: str | None, model_vocab: int):
+    """The tokenizer to travel with the checkpoint: ``spec``, else the HF directory's own (an HF tokenizer,
+    else a tokenizer.model), else none; refused when it cannot belong to the model."""
+    from megarope import data
+
+    if spec is None:
+        if any(os.path.isfile(os.path.join(hf_dir, f)) for f in data.HF_TOKENIZER_MARKERS):
+            spec = hf_dir
+        elif os.path.isfile(os.path.join(hf_dir, "tokenizer.model")):
+            spec = os.path.join(hf_dir, "tokenizer.model")
+        else:
+            return None
+    tokenizer = data.load_tokenizer(spec)
+    data.check_tokenizer(tokenizer, model_vocab, model=f"the model of {hf_dir}")
+    return tokenizer
+
+
+def _meta(source: HFSource, preset, rope, backend: str, tp: int) -> dict:
+    tok = source.tokenizer
+    meta = {"preset": preset.to_dict(), "rope": asdict(rope), "backend": backend, "source": "hf",
+            "family": source.family.model_type, "hf_config": source.config, "intended_tp": tp,
+            "lineage": source.lineage.to_dict(),
+            "tokenizer": tok.spec if tok is not None and tok.path is None else None}  # "bytes"; files: finish_save
+    if tok is not None:
+        meta.update(tokenizer_vocab_size=tok.vocab_size, tokenizer_bos=tok.bos, tokenizer_eod=tok.eod,
+                    tokenizer_files=[os.path.basename(f) for f in tok.files])
+    return meta
+
+
+def _build_and_fill(source: HFSource, backend: str, rope_overrides: dict | None, **config_kwargs):
+    from megarope import model as model_mod
+    from megarope.rope import RopeConfig
+
+    preset = model_mod.Preset(**source.preset)
+    try:
+        rope = RopeConfig(**{**source.rope, **(rope_overrides or {})})
+    except ValueError as e:
+        raise UsageError(f"RoPE: {e}") from None
+    model = model_mod.build_model(preset, rope, backend, **config_kwargs)
+    load_full_state(model, hf_to_mcore_state(lambda name: source.weights[name], source.family, source.preset))
+    return model, preset, rope
+
+
+def load_hf(hf_dir: str, backend: str = "local", rope_overrides: dict | None = None, tokenizer: str | None = None,
+            **config_kwargs):
+    """An HF directory as a built, loaded megarope model for the parallel state already set up
+    (any TP/CP), converted in memory: nothing is written. Returns (model, metadata); the metadata is what
+    a converted checkpoint's megarope.json would hold, with "tokenizer" the tokenizer's own spec (a path)."""
+    source = inspect_hf(hf_dir, tokenizer)
+    model, preset, rope = _build_and_fill(source, backend, rope_overrides, **config_kwargs)
+    meta = _meta(source, preset, rope, backend, tp=1)
+    meta["tokenizer"] = source.tokenizer.spec if source.tokenizer is not None else None
+    return model, meta
 
 
 def _check_destination(path: str) -> None:
@@ -238,67 +433,122 @@ def _check_destination(path: str) -> None:
         raise UsageError(f"destination {path} already exists and is not empty; refusing to overwrite")
 
 
-def _import_megatron_side():
-    """Imported late: every input check above runs before torch and megatron load."""
-    from megarope import checkpoint, model, parallel, rope
+def hf_to_mcore(hf_dir: str, out_dir: str, tp: int = 1, tokenizer: str | None = None,
+                pretrain_base: float | None = None, pretrain_len: int | None = None,
+                tune_len: int | None = None) -> dict:
+    """Convert an HF directory (llama, mistral, qwen2) into a megarope checkpoint; returns its metadata.
 
-    return checkpoint, model, parallel, rope
-
-
-def hf_to_mcore(hf_dir: str, out_dir: str, tp: int = 1) -> dict:
-    """Convert an HF LLaMA directory into a megarope checkpoint; returns the checkpoint metadata."""
+    ``tokenizer`` replaces the directory's own; ``pretrain_base``/``pretrain_len``/``tune_len`` replace what
+    config.json says of the model's lineage (see megarope.lineage). Nothing is written on bad input.
+    """
     _check_destination(out_dir)
-    cfg = read_hf_config(hf_dir)
-    preset_fields, rope_fields = hf_fields(cfg)
-    for what, n in (("attention heads", preset_fields["num_heads"]), ("KV heads", preset_fields["num_query_groups"]),
-                    ("FFN size", preset_fields["ffn_hidden_size"])):
-        if n % tp:
-            raise UsageError(f"--tp {tp} does not divide the model's {what} ({n})")
-    tied = bool(cfg.get("tie_word_embeddings", False))
-    weights = HFWeights(hf_dir)
-    expected = hf_shapes(preset_fields, tied)
-    if tied:  # a tied checkpoint may also store lm_head: it must equal the embedding, so it is not needed
-        expected.update({k: weights.shapes[k] for k in ("lm_head.weight",) if k in weights.shapes})
-    weights.check(expected)
+    source = inspect_hf(hf_dir, tokenizer, pretrain_base, pretrain_len, tune_len, tp)
 
-    checkpoint, model_mod, parallel, rope_mod = _import_megatron_side()
-    import torch
+    from megarope import checkpoint, parallel  # imported late: every input check above runs without them
 
     parallel.init(tp=1)
-    model = model_mod.build_model(model_mod.Preset(**preset_fields), rope_mod.RopeConfig(**rope_fields), "local")
-    state = hf_to_mcore_state(lambda name: weights[name], preset_fields, tied)
-    own = {k: t for k, t in model.state_dict().items() if not k.endswith("_extra_state")}
-    assert own.keys() == state.keys(), sorted(own.keys() ^ state.keys())
-    with torch.no_grad():
-        for name, t in state.items():
-            own[name].copy_(t)
-    tokenizer = os.path.join(hf_dir, "tokenizer.model")
-    tokenizer = tokenizer if os.path.isfile(tokenizer) else None
-    meta = checkpoint.model_meta(model, tokenizer=tokenizer and "tokenizer.model", source="hf", hf_config=cfg,
-                                 intended_tp=tp)
-    checkpoint.save_model(model, out_dir, meta, tokenizer_file=tokenizer)
-    return meta
+    model, preset, rope = _build_and_fill(source, "local", None)
+    meta = _meta(source, preset, rope, "local", tp)
+    checkpoint.save_model(model, out_dir, meta, tokenizer_file=source.tokenizer.path if source.tokenizer else None)
+    return checkpoint.read_meta(out_dir)
+
+
+def describe_conversion(meta: dict) -> str:
+    """What convert did, in lines: shape, embeddings, RoPE mapping, tokenizer, lineage and its sources."""
+    p, rope, cfg = meta["preset"], meta["rope"], meta.get("hf_config") or {}
+    from megarope.rope import RopeConfig
+
+    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    rtype = params.get("rope_type", params.get("type", "default"))
+    head_dim = p.get("kv_channels") or p["hidden_size"] // p["num_heads"]
+    lines = [f"model: {meta.get('family', 'llama')}, {p['num_layers']} layers, hidden {p['hidden_size']}, "
+             f"{p['num_heads']} heads x {head_dim} ({p['num_query_groups']} KV heads), vocab {p['vocab_size']:,}"
+             + (", q/k/v biases" if p.get("qkv_bias") else ""),
+             "embeddings: " + ("kept tied (the output layer shares the input embedding)" if p.get("tie_embeddings")
+                               else "untied (separate output layer)"),
+             f"RoPE: config.json rope_type {rtype} -> {RopeConfig(**rope).describe()}"]
+    if meta.get("tokenizer"):
+        files = meta.get("tokenizer_files") or [meta["tokenizer"]]
+        bos = meta.get("tokenizer_bos")
+        where = "recorded as" if not meta.get("tokenizer_files") else "copied to"
+        lines.append(f"tokenizer: {meta.get('tokenizer_vocab_size', 0):,} tokens, {where} {meta['tokenizer']} "
+                     f"({', '.join(files)}); BOS {'id ' + str(bos) if bos is not None else 'none'}, "
+                     f"EOS id {meta.get('tokenizer_eod')}")
+    else:
+        lines.append("tokenizer: none found (give --tokenizer here, or data.tokenizer / --tokenizer later)")
+    lin = lineages.lineage_of(meta)
+    lines.append("lineage (what the scaling law is predicted from):")
+    lines += [f"  {line}" for line in lin.describe().splitlines()]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- megarope -> HF
+def hf_config_from_meta(meta: dict) -> dict:
+    """A transformers config dict of the checkpoint's family: rope_parameters (new readers) and
+    rope_theta/rope_scaling (old ones)."""
+    from megarope.rope import RopeConfig
+
+    p, rope = meta["preset"], RopeConfig(**meta["rope"])
+    family = family_for(meta)
+    if rope.log_scale_ref is not None or rope.rotary_percent != 1.0:
+        raise UsageError("log-scaled attention and partial rotary have no HF equivalent; "
+                         "export without them (they are load-time options)")
+    params = {"rope_type": "default"}
+    if rope.llama3_factor:
+        params = {"rope_type": "llama3", "factor": rope.llama3_factor, "low_freq_factor": rope.llama3_low_freq_factor,
+                  "high_freq_factor": rope.llama3_high_freq_factor,
+                  "original_max_position_embeddings": rope.llama3_original_len}
+    elif rope.linear_factor:
+        params = {"rope_type": "linear", "factor": rope.linear_factor}
+    elif rope.dynamic_ntk:
+        params = {"rope_type": "dynamic", "factor": rope.ntk_alpha}
+    elif rope.yarn:
+        y = rope.yarn
+        params = {"rope_type": "yarn", "factor": y.factor, "original_max_position_embeddings": y.original_len,
+                  "beta_fast": y.beta_fast, "beta_slow": y.beta_slow, "truncate": y.truncate}
+        if y.mscale_all_dim:
+            params.update(mscale=y.mscale, mscale_all_dim=y.mscale_all_dim)
+        elif y.mscale != 1.0:
+            params["attention_factor"] = y.attention_factor
+    head_dim = p.get("kv_channels") or p["hidden_size"] // p["num_heads"]
+    cfg = {k: v for k, v in (meta.get("hf_config") or {}).items() if k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    cfg.update(architectures=[family.architecture], model_type=family.model_type, vocab_size=p["vocab_size"],
+               hidden_size=p["hidden_size"], intermediate_size=p["ffn_hidden_size"],
+               num_hidden_layers=p["num_layers"], num_attention_heads=p["num_heads"],
+               num_key_value_heads=p["num_query_groups"], head_dim=head_dim, hidden_act="silu",
+               max_position_embeddings=rope.train_len, rms_norm_eps=p["norm_eps"],
+               tie_word_embeddings=bool(p.get("tie_embeddings")), rope_theta=rope.base,
+               rope_parameters={"rope_theta": rope.base, **params}, torch_dtype="float32", dtype="float32")
+    cfg.update({"llama": {"attention_bias": False, "mlp_bias": False}, "mistral": {"sliding_window": None},
+                "qwen2": {"use_sliding_window": False, "sliding_window": None,
+                          "max_window_layers": p["num_layers"]}}[family.model_type])
+    if params["rope_type"] != "default":
+        cfg["rope_scaling"] = params  # what transformers 4.x reads (5.x prefers it too when present)
+    return cfg
 
 
 def mcore_to_hf(ckpt_dir: str, out_dir: str) -> dict:
-    """Export a megarope checkpoint as an HF LLaMA directory (fp32 model.safetensors); returns its config."""
+    """Export a megarope checkpoint as an HF directory of its family (fp32 model.safetensors, its tokenizer's
+    files); returns the config."""
     _check_destination(out_dir)
     if not os.path.isfile(os.path.join(ckpt_dir, "megarope.json")):
         raise UsageError(f"not a megarope checkpoint (no megarope.json): {ckpt_dir}")
     with open(os.path.join(ckpt_dir, "megarope.json")) as f:
         meta = json.load(f)
     cfg = hf_config_from_meta(meta)
-    checkpoint, _, parallel, _ = _import_megatron_side()
     from safetensors.torch import save_file
+
+    from megarope import checkpoint, data, parallel
 
     parallel.init(tp=1)
     model = checkpoint.build_from_checkpoint(ckpt_dir, backend="local")
-    tensors = mcore_to_hf_state(model.state_dict(), meta["preset"])
+    tensors = mcore_to_hf_state(model.state_dict(), family_for(meta), meta["preset"])
+    tokenizer = checkpoint.tokenizer_path(ckpt_dir)
+    files = data.load_tokenizer(tokenizer).files if tokenizer and os.path.exists(tokenizer) else []
     with atomic_dir(out_dir) as tmp:
         save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(cfg, f, indent=2)
-        tokenizer = os.path.join(ckpt_dir, meta.get("tokenizer") or "tokenizer.model")
-        if os.path.isfile(tokenizer):  # a sentencepiece file inside the checkpoint, not a spec like "bytes"
-            shutil.copyfile(tokenizer, os.path.join(tmp, "tokenizer.model"))
+        for path in files:  # sentencepiece's tokenizer.model, or an HF tokenizer's files, beside the weights
+            shutil.copyfile(path, os.path.join(tmp, os.path.basename(path)))
     return cfg

@@ -7,21 +7,27 @@ from megarope.units import format_tokens
 
 
 def make_plan(head_dim: int, train_len: int, tune_len: int | None, bases: list[float], targets: list[int],
-              pretrain_base: float = scaling.LLAMA_PRETRAIN_BASE) -> dict:
-    """Everything the planner reports, as one JSON-ready dict (the `--json` schema)."""
+              pretrain_base: float = scaling.LLAMA_PRETRAIN_BASE, rotary_percent: float = 1.0) -> dict:
+    """Everything the planner reports, as one JSON-ready dict (the `--json` schema).
+
+    The law's d is the rotary dimension: int(head_dim * rotary_percent) (all of the head for LLaMA).
+    """
     tune_len = train_len if tune_len is None else tune_len
-    plans = [scaling.plan_base(head_dim, train_len, b, tune_len, pretrain_base) for b in bases]
+    d = scaling.rotary_dim(head_dim, rotary_percent)
+    plans = [scaling.plan_base(d, train_len, b, tune_len, pretrain_base) for b in bases]
     return {
         "head_dim": head_dim,
+        "rotary_percent": rotary_percent,
+        "rotary_dim": d,
         "train_len": train_len,
         "tune_len": tune_len,
         "pretrain_base": pretrain_base,
-        "critical_dim": scaling.critical_dimension(head_dim, train_len, pretrain_base),
+        "critical_dim": scaling.critical_dimension(d, train_len, pretrain_base),
         "critical_base": scaling.critical_base(train_len, tune_len, pretrain_base),
         "small_base_thresholds": list(scaling.small_base_thresholds(tune_len)),
         "bases": [{"base": p.base, "regime": p.regime, "critical_dim": p.critical_dim,
                    "extrapolation_bound": p.extrapolation_bound} for p in plans],
-        "targets": [{"target_len": t, "base": scaling.base_for_context(head_dim, train_len, t, pretrain_base)}
+        "targets": [{"target_len": t, "base": scaling.base_for_context(d, train_len, t, pretrain_base)}
                     for t in targets],
     }
 
@@ -32,8 +38,15 @@ def _base(b: float) -> str:
 
 def format_plan(plan: dict) -> str:
     b1, b2, b3 = plan["small_base_thresholds"]
-    lines = [
-        f"head dim {plan['head_dim']}, train length {plan['train_len']}, tune length {plan['tune_len']}"
+    rotary = "" if plan["rotary_dim"] == plan["head_dim"] else \
+        f" (rotary dim {plan['rotary_dim']}: rotary_percent {plan['rotary_percent']:g})"
+    lines = []
+    if "lineage" in plan:  # `plan --from`: say where the pretraining numbers came from
+        lines += [f"lineage of {plan['from']}:"] + [
+            f"  {name.replace('_', ' ')}: {plan['lineage'][name]:,.6g}  ({source})"
+            for name, source in plan["lineage"]["sources"].items()] + [""]
+    lines += [
+        f"head dim {plan['head_dim']}{rotary}, train length {plan['train_len']}, tune length {plan['tune_len']}"
         f" (pretraining base {_base(plan['pretrain_base'])})",
         f"critical dimension d_extra = {plan['critical_dim']}   (eq. 13)",
         f"critical base beta_0 = {_base(plan['critical_base'])}   (eq. 16a)",
@@ -57,7 +70,7 @@ def plot_plan(plan: dict, path: str) -> None:
     """Two panels: the period of each rotary pair against the lengths, and the bound against the base."""
     from megarope import plots
 
-    d, train_len, tune_len = plan["head_dim"], plan["train_len"], plan["tune_len"]
+    d, train_len, tune_len = plan["rotary_dim"], plan["train_len"], plan["tune_len"]
     fig, (left, right) = plots.figure(2)
     pairs = list(range(d // 2))
     for row in plan["bases"] or [{"base": plan["pretrain_base"]}]:

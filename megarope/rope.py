@@ -8,13 +8,55 @@ so a CP=N run sees exactly what a CP=1 run sees.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding as _McoreRotary
+from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import YarnRotaryEmbedding as _McoreYarn
 
 from megarope.parallel import cp_local_positions
+
+
+@dataclass(frozen=True)
+class Yarn:
+    """YaRN (Peng et al., 2023) with megatron-core's YarnRotaryEmbedding parameters, one for one.
+
+    factor: the scale s; frequencies whose period exceeds original_len/beta_slow turns are divided by
+        s, those under original_len/beta_fast turns are kept, a linear ramp joins them.
+    original_len: the context the model was pretrained at (HF's original_max_position_embeddings).
+    mscale, mscale_all_dim: the attention temperature: cos and sin are multiplied by
+        (0.1*mscale*ln s + 1) / (0.1*mscale_all_dim*ln s + 1) (1 for s <= 1), so q.k by its square.
+    truncate: round the ramp's ends to whole dimensions (megatron's correction_range_round_to_int).
+    """
+
+    factor: float
+    original_len: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
+    truncate: bool = True
+
+    def __post_init__(self):
+        if not self.factor > 0 or self.original_len < 1:
+            raise ValueError(f"yarn needs factor > 0 and original_len >= 1, got {self.factor}, {self.original_len}")
+
+    @property
+    def attention_factor(self) -> float:
+        """What cos and sin are multiplied by (megatron's concentration factor, HF's attention_factor)."""
+        def m(scale):
+            return 1.0 if self.factor <= 1 else 0.1 * scale * math.log(self.factor) + 1.0
+
+        return m(self.mscale) / m(self.mscale_all_dim)
+
+    def megatron_config(self) -> dict:
+        """The TransformerConfig attributes megatron-core reads YaRN from (MLATransformerConfig declares them;
+        GPTModel and the attention's concentration factor read them with getattr)."""
+        return {"yarn_rotary_scaling_factor": self.factor, "yarn_original_max_position_embeddings": self.original_len,
+                "yarn_beta_fast": self.beta_fast, "yarn_beta_slow": self.beta_slow, "yarn_mscale": self.mscale,
+                "yarn_mscale_all_dim": self.mscale_all_dim, "yarn_correction_range_round_to_int": self.truncate}
 
 
 @dataclass(frozen=True)
@@ -31,7 +73,11 @@ class RopeConfig:
     log_scale_ref: T_ref for log-scaled attention: queries at 1-based position t are multiplied by
         max(1, ln t / ln T_ref). None turns it off.
     linear_factor, llama3_factor: megatron-core's own position interpolation and Llama-3 scaling,
-        passed through to it unchanged.
+        passed through to it unchanged; llama3_low_freq_factor, llama3_high_freq_factor and
+        llama3_original_len are Llama-3's other three numbers (Meta's 1, 4 and 8192 by default).
+    yarn: YaRN through megatron-core's YarnRotaryEmbedding (a :class:`Yarn`, or its fields as a dict).
+    At most one of linear_factor, llama3_factor and yarn; dynamic NTK rescales a plain base, so it
+    does not combine with llama3 or yarn (they fix their own frequencies).
     """
 
     base: float = 10000.0
@@ -42,14 +88,45 @@ class RopeConfig:
     log_scale_ref: int | None = None
     linear_factor: float | None = None
     llama3_factor: float | None = None
+    llama3_low_freq_factor: float = 1.0
+    llama3_high_freq_factor: float = 4.0
+    llama3_original_len: int = 8192
+    yarn: Yarn | None = None
 
     def __post_init__(self):
+        if isinstance(self.yarn, dict):  # as read back from a checkpoint's JSON
+            object.__setattr__(self, "yarn", Yarn(**self.yarn))
         if not self.base > 1:
             raise ValueError(f"rope base must be > 1, got {self.base}")
         if not 0 < self.rotary_percent <= 1:
             raise ValueError(f"rotary_percent must be in (0, 1], got {self.rotary_percent}")
         if self.log_scale_ref is not None and self.log_scale_ref < 2:
             raise ValueError(f"log_scale_ref must be >= 2, got {self.log_scale_ref}")
+        scalings = [name for name in ("linear_factor", "llama3_factor", "yarn") if getattr(self, name) is not None]
+        if len(scalings) > 1:
+            raise ValueError(f"one RoPE scaling at a time, got {' and '.join(scalings)}")
+        if self.yarn is not None and self.rotary_percent != 1.0:
+            raise ValueError("megatron's YaRN rotates whole heads: rotary_percent must be 1 with yarn")
+        if self.dynamic_ntk and (self.llama3_factor is not None or self.yarn is not None):
+            raise ValueError(f"dynamic NTK rescales a plain base; it does not combine with {scalings[0]}")
+
+    def describe(self) -> str:
+        """One line: the base and whatever scaling rides on it."""
+        parts = [f"base {self.base:g}"]
+        if self.linear_factor is not None:
+            parts.append(f"linear interpolation x{self.linear_factor:g}")
+        if self.llama3_factor is not None:
+            parts.append(f"Llama-3 scaling x{self.llama3_factor:g}")
+        if self.yarn is not None:
+            parts.append(f"YaRN x{self.yarn.factor:g} from {self.yarn.original_len} "
+                         f"(attention factor {self.yarn.attention_factor:.4g})")
+        if self.dynamic_ntk:
+            parts.append(f"dynamic NTK from {self.train_len}")
+        if self.log_scale_ref is not None:
+            parts.append(f"log-scaled attention from {self.log_scale_ref}")
+        if self.rotary_percent != 1.0:
+            parts.append(f"rotary {self.rotary_percent:g} of each head")
+        return ", ".join(parts)
 
 
 def dynamic_ntk_base(base: float, seq_len: int, train_len: int, rotary_dim: int, alpha: float = 1.0) -> float:
@@ -78,11 +155,14 @@ class RotaryEmbedding(_McoreRotary):
             rotary_percent=rope.rotary_percent,
             seq_len_interpolation_factor=rope.linear_factor,
             rotary_base=rope.base,
-            rope_scaling=rope.llama3_factor is not None,
-            rope_scaling_factor=rope.llama3_factor or 8.0,
             use_cpu_initialization=True,
             cp_group=cp_group,
         )
+        if rope.llama3_factor is not None:  # megatron's Llama-3 scaling, with all four of its numbers
+            self.inv_freq = self._apply_scaling(self.inv_freq, factor=rope.llama3_factor,
+                                                low_freq_factor=rope.llama3_low_freq_factor,
+                                                high_freq_factor=rope.llama3_high_freq_factor,
+                                                original_max_position_embeddings=rope.llama3_original_len)
         self.rope = rope
         self.rotary_dim = self.inv_freq.numel() * 2
 
@@ -105,3 +185,44 @@ class RotaryEmbedding(_McoreRotary):
             positions = positions[cp_local_positions(max_seq_len, cp_group.size(), cp_group.rank(), positions.device)]
         freqs = torch.outer(positions, self.inv_freq_for(max_seq_len + offset))
         return torch.cat((freqs, freqs), dim=-1)[:, None, None, :]
+
+
+class YarnRotaryEmbedding(_McoreYarn):
+    """megatron-core's YaRN table (its frequencies, ramp and temperature) with device-agnostic CP slicing.
+
+    Returns (angles, temperature) as megatron's own does; GPTModel's "yarn" path keeps the angles, and
+    megatron's attention applies the temperature from the config (Yarn.megatron_config).
+    """
+
+    def __init__(self, rope: RopeConfig, kv_channels: int, cp_group=None):
+        yarn = rope.yarn
+        super().__init__(
+            kv_channels=kv_channels,
+            rotary_percent=rope.rotary_percent,
+            rotary_base=rope.base,
+            use_cpu_initialization=True,
+            scaling_factor=yarn.factor,
+            original_max_position_embeddings=yarn.original_len,
+            beta_fast=yarn.beta_fast,
+            beta_slow=yarn.beta_slow,
+            mscale=yarn.mscale,
+            mscale_all_dim=yarn.mscale_all_dim,
+            correction_range_round_to_int=yarn.truncate,
+            cp_group=cp_group,
+        )
+        self.rope = rope
+
+    @functools.lru_cache(maxsize=32)  # as megatron's own (its __init__ clears this cache)
+    def forward(self, max_seq_len: int, offset: int = 0, packed_seq: bool = False,
+                cp_group=None) -> tuple[torch.Tensor, float]:
+        emb, temperature = self.get_emb(max_seq_len, offset)
+        cp_group = cp_group if cp_group is not None else self.cp_group
+        if cp_group is not None and cp_group.size() > 1 and not packed_seq:
+            emb = emb[cp_local_positions(max_seq_len, cp_group.size(), cp_group.rank(), emb.device)]
+        return emb, temperature
+
+
+def rotary_embedding(rope: RopeConfig, kv_channels: int, cp_group=None) -> torch.nn.Module:
+    """The rotary table a model with this RoPE configuration uses."""
+    cls = YarnRotaryEmbedding if rope.yarn is not None else RotaryEmbedding
+    return cls(rope, kv_channels, cp_group)

@@ -42,6 +42,19 @@ def _check_lengths(train_len: float, tune_len: float) -> None:
         raise ValueError(f"tune_len ({tune_len}) must be >= train_len ({train_len})")
 
 
+def rotary_dim(head_dim: int, rotary_percent: float = 1.0) -> int:
+    """The d of the law: the dimensions of a head that rotate, int(head_dim * rotary_percent) as megatron takes them."""
+    if not 0 < rotary_percent <= 1:
+        raise ValueError(f"rotary_percent must be in (0, 1], got {rotary_percent}")
+    if rotary_percent == 1.0:
+        _check_head_dim(head_dim)
+        return head_dim
+    d = int(head_dim * rotary_percent)
+    if d < 2 or d % 2:
+        raise ValueError(f"the rotary dimension int({head_dim} x {rotary_percent:g}) = {d} must be even and >= 2")
+    return d
+
+
 def rotary_periods(head_dim: int, base: float) -> list[float]:
     """Period in tokens of each rotary pair: T_n = 2*pi * base^(2n/d)."""
     _check_head_dim(head_dim)

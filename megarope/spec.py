@@ -1,5 +1,6 @@
-"""Layer specs for a LLaMA-style decoder (RMSNorm, SwiGLU, no biases, GQA) -- the seam where
-megarope swaps behaviour into megatron-core.
+"""Layer specs for a LLaMA-style decoder (RMSNorm, SwiGLU, GQA; no biases but Qwen2's optional q/k/v ones,
+which megatron's attention adds from the config's add_qkv_bias) -- the seam where megarope swaps behaviour
+into megatron-core.
 
 backend "te":    Transformer Engine modules; TE's attention does context parallelism itself.
                  RoPE stays fused in TE: the paper's per-position variants live elsewhere

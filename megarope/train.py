@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megarope import checkpoint, compat, config as configuration, parallel
+from megarope import checkpoint, compat, config as configuration, lineage, parallel
 from megarope.optim import make_optimizer, make_scheduler, optimizer_kind
 from megarope.errors import UsageError
 from megarope.files import atomic_files
@@ -192,6 +192,7 @@ def _check_resume(cfg: configuration.Config, resume_dir: str) -> None:
             raise UsageError(f"{resume_dir} was trained with train.{key}={old[key]}, this config says "
                              f"{getattr(cfg.train, key)}; {hint}")
     old_rope = checkpoint.read_meta(resume_dir).get("rope")
+    old_rope = asdict(RopeConfig(**old_rope)) if old_rope is not None else None  # fields added since get defaults
     new_rope = asdict(RopeConfig(**cfg.rope_config()))
     if old_rope is not None and old_rope != new_rope:
         changed = ", ".join(f"rope.{k}: {old_rope.get(k)} -> {v}" for k, v in new_rope.items() if old_rope.get(k) != v)
@@ -281,6 +282,10 @@ class _Run:
             self.preset, self.preset_name, self.tokenizer = _resolve_model_and_tokenizer(cfg, self.resume_dir)
             if self.resume_dir:
                 _check_resume(cfg, self.resume_dir)
+            # lineage: the pretraining this run descends from (the resumed run's, else init.from's), carried forward
+            parent = self.resume_dir or cfg.init.from_
+            self.lineage = lineage.training_lineage(checkpoint.read_meta(parent) if parent else None,
+                                                    cfg.rope.base, t.seq_len)
             self.sources = _data_prefixes(cfg, self.tokenizer)
         except UsageError as e:
             error = e
@@ -323,7 +328,6 @@ class _Run:
         from megarope import planner
 
         cfg, t, p = self.cfg, self.cfg.train, self.preset
-        rotary_dim = int(p.head_dim * self.rope.rotary_percent) // 2 * 2
         lines = [
             f"megarope train: {self.layout.describe()}"
             + (" with sequence parallelism" if cfg.parallel.sequence_parallel and self.layout.tp > 1 else ""),
@@ -341,10 +345,11 @@ class _Run:
             + (", dynamic NTK" if self.rope.dynamic_ntk else "")
             + (f", log-scaled from {self.rope.log_scale_ref}" if self.rope.log_scale_ref else ""),
         ]
-        tune = max(t.seq_len, p.max_seq_len)
+        lin = self.lineage
         try:
-            plan = planner.make_plan(rotary_dim, p.max_seq_len, tune, [self.rope.base], [])
-            lines += ["RoPE plan (pretraining length = the preset's, tune length = train.seq_len):",
+            plan = planner.make_plan(p.head_dim, lin.pretrain_len, lin.effective_tune_len, [self.rope.base], [],
+                                     lin.pretrain_base, self.rope.rotary_percent)
+            lines += ["RoPE plan from the lineage:", *(f"  {line}" for line in lin.describe().splitlines()),
                       *(f"  {line}" if line else "" for line in planner.format_plan(plan).splitlines())]
         except ValueError as e:
             lines.append(f"RoPE plan: not available ({e})")
@@ -396,7 +401,8 @@ class _Run:
                  "config": cfg.to_dict()}
         tokenizer_file = self.tokenizer.path if self.tokenizer.path else None
         meta = checkpoint.model_meta(self.model, tokenizer=self.tokenizer.spec, step=step,
-                                     trained={"seq_len": cfg.train.seq_len, "tokens": consumed * cfg.train.seq_len})
+                                     trained={"seq_len": cfg.train.seq_len, "tokens": consumed * cfg.train.seq_len},
+                                     lineage=self.lineage.to_dict())
         return checkpoint.save_training(self.root, step, self.model, self.optimizer, state, _rng_state(), meta,
                                         cfg.checkpoint.keep, tokenizer_file)
 

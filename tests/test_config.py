@@ -145,3 +145,10 @@ def test_cli_train_unknown_key_is_one_line_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unknown key 'train.bogus'" in err
     assert not (tmp_path / "ck").exists()
+
+
+def test_rope_section_takes_yarn():
+    cfg = load_config(None, ["data.path=p", "rope.yarn.factor=4", "rope.yarn.original_len=4096"])
+    rope = RopeConfig(**cfg.rope_config())
+    assert rope.yarn.factor == 4.0 and rope.yarn.original_len == 4096 and rope.yarn.beta_fast == 32.0
+    assert set(config.YarnSection.model_fields) == {f.name for f in dataclasses.fields(type(rope.yarn))}

@@ -9,6 +9,8 @@ import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.tokenizers import MegatronTokenizerBase
 
+from hf_models import random_hf, tokenizer_dir
+
 from megarope import data
 from megarope.cli import main
 from megarope.errors import UsageError
@@ -84,6 +86,67 @@ def test_bad_tokenizer_spec(tmp_path, content):
         data.load_tokenizer(str(path))
 
 
+# HF tokenizer directories in each family's manner: (style, BOS id, EOS id); see tests/hf_models.py
+HF_STYLES = [("llama3", 0, 1),   # tokenizer.json's post-processor prepends <|begin_of_text|> (id 0)
+             ("llama2", 1, 2),   # tokenizer_config.json: add_bos_token true (<s>, id 1)
+             ("qwen2", None, 0),  # no BOS at all
+             ("chat", None, 2)]  # names <|im_start|> as bos_token but add_bos_token is false: never added
+
+
+@pytest.mark.parametrize("style, bos, eos", HF_STYLES, ids=[s[0] for s in HF_STYLES])
+def test_hf_tokenizer_directory(tmp_path, style, bos, eos):
+    from megatron.core.tokenizers.text.libraries.huggingface_tokenizer import HuggingFaceTokenizer
+
+    path = tokenizer_dir(tmp_path / "tok", style)
+    tok = data.load_tokenizer(path)
+    assert isinstance(tok, data.HFTokenizer) and isinstance(tok, MegatronTokenizerBase)
+    assert (tok.vocab_size, tok.bos, tok.eod, tok.path) == (300, bos, eos, str(path))
+    assert len(tok.vocab) == 300 and tok.spec == str(path) and data.load_tokenizer(tok.spec).vocab_size == 300
+    text = "the quick brown fox, 漢字 and 🙂\n\tdef f(x): return x"
+    ids = tok.encode(text)
+    assert ids == HuggingFaceTokenizer(str(path), include_special_tokens=False).text_to_ids(text)  # megatron's ids
+    assert bos not in ids and tok.decode(ids) == text and tok.decode([tok.eod] + ids + [tok.eod]) == text
+    assert len(ids) < len(text.encode())  # merges were learned
+    assert data.load_tokenizer(path / "tokenizer.json").digest == tok.digest  # the file names its directory
+
+
+def test_hf_tokenizer_refusals(tmp_path):
+    (tmp_path / "neither").mkdir()
+    (tmp_path / "neither" / "vocab.txt").write_text("a\n")
+    with pytest.raises(UsageError, match="neither tokenizer.json nor tokenizer_config.json"):
+        data.load_tokenizer(tmp_path / "neither")
+    path = tokenizer_dir(tmp_path / "no_eos", "llama3")
+    (path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+    with pytest.raises(UsageError, match="no eos token"):
+        data.load_tokenizer(path)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "tokenizer.json").write_text("{not json")
+    with pytest.raises(UsageError, match="cannot read HF tokenizer"):
+        data.load_tokenizer(tmp_path / "broken")
+
+
+def test_copy_tokenizer_takes_only_tokenizer_files(tmp_path):
+    random_hf(tmp_path / "model", "llama")  # config.json, model.safetensors and a tokenizer
+    os.makedirs(tmp_path / "ckpt")
+    assert data.copy_tokenizer(str(tmp_path / "model"), str(tmp_path / "ckpt")) == "tokenizer"
+    assert files_under(tmp_path / "ckpt") == ["tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json"]
+    assert data.load_tokenizer(tmp_path / "ckpt" / "tokenizer").digest == data.load_tokenizer(tmp_path / "model").digest
+    assert data.copy_tokenizer("bytes", str(tmp_path / "ckpt")) is None
+
+
+def test_check_tokenizer(tmp_path):
+    tok = data.load_tokenizer(tokenizer_dir(tmp_path / "tok", "qwen2"))
+    data.check_tokenizer(tok, 320)  # a model may pad its vocabulary beyond the tokenizer's (Qwen2 does)
+    data.check_tokenizer(tok, 300, recorded_vocab=300)
+    with pytest.raises(UsageError, match="300 tokens, but the model has a vocabulary of 256"):
+        data.check_tokenizer(tok, 256)
+    with pytest.raises(UsageError, match="made with a tokenizer of 32,000"):
+        data.check_tokenizer(tok, 32000, recorded_vocab=32000)
+    with pytest.raises(UsageError, match="byte tokens .* 49,152 tokens"):
+        data.check_tokenizer(data.load_tokenizer("bytes"), 49152)
+    data.check_tokenizer(data.load_tokenizer("bytes"), 257)
+
+
 # ----------------------------------------------------------------------------------------------- raw text
 def test_iter_documents_files_and_directories(tmp_path):
     write_jsonl(tmp_path / "a.jsonl", ["one", "two"])
@@ -155,6 +218,21 @@ def test_preprocess_trains_tokenizer(tmp_path):
     ds = IndexedDataset(str(tmp_path / "ds"))
     assert ds[0].tolist() == [1] + tok.encode(texts[0]) + [2]  # LLaMA-like: bos (1) starts, eos (2) ends a document
     assert sum(len(ds[i]) for i in range(len(ds))) == summary["tokens"] < sum(map(len, texts))
+
+
+@pytest.mark.parametrize("style", ["llama3", "qwen2"])
+def test_preprocess_with_hf_tokenizer(tmp_path, style):
+    texts = toy_texts(40)
+    corpus = write_jsonl(tmp_path / "c.jsonl", texts)
+    path = tokenizer_dir(tmp_path / "tok", style)
+    tok = data.load_tokenizer(path)
+    summary = data.preprocess([corpus], str(path), str(tmp_path / "one"))
+    assert summary["tokenizer"] == str(path) and summary["vocab_size"] == 300
+    ds = IndexedDataset(str(tmp_path / "one"))
+    bos = [tok.bos] if tok.bos is not None else []  # Llama-3 starts each document with <|begin_of_text|>
+    assert [ds[i].tolist() for i in range(len(ds))] == [bos + tok.encode(t) + [tok.eod] for t in texts]
+    data.preprocess([corpus], str(path), str(tmp_path / "two"), workers=2)  # workers load it from its spec
+    assert (tmp_path / "one.bin").read_bytes() == (tmp_path / "two.bin").read_bytes()
 
 
 def test_preprocess_failure_leaves_old_outputs_and_no_temp_files(tmp_path):

@@ -8,6 +8,7 @@ from distributed import run_distributed
 from megarope import loss as L
 from megarope import model as M
 from megarope import parallel
+from megarope import rope as R
 from megarope.rope import RopeConfig
 
 SEQ = 128
@@ -112,3 +113,40 @@ def test_fp8_needs_te_backend():
     parallel.init()
     with pytest.raises(ValueError, match="Transformer Engine"):
         M.transformer_config(M.get_preset("toy"), "local", fp8="e4m3")
+
+
+def test_num_params_counts_as_published():
+    assert M.get_preset("llama2-7b").num_params() == 6_738_415_616
+    assert M.get_preset("llama-1b").num_params() == 1_100_048_384  # TinyLlama-1.1B
+
+
+def test_metadata_from_before_the_family_fields_loads():
+    old = {"num_layers": 4, "hidden_size": 128, "num_heads": 4, "num_query_groups": 2, "ffn_hidden_size": 352,
+           "vocab_size": 257, "max_seq_len": 128, "norm_eps": 1e-5}
+    preset = M.Preset(**old)
+    assert preset == M.get_preset("toy") and not preset.tie_embeddings and not preset.qkv_bias
+    assert preset.kv_channels is None and preset.head_dim == 32
+
+
+@pytest.mark.parametrize("fields", [dict(tie_embeddings=True), dict(qkv_bias=True), dict(kv_channels=48)],
+                         ids=["tied", "qkv-bias", "head-dim-48"])
+def test_family_fields_build_what_num_params_counts(fields):
+    parallel.init()
+    preset = M.Preset(num_layers=2, hidden_size=64, num_heads=4, num_query_groups=2, ffn_hidden_size=128,
+                      vocab_size=256, max_seq_len=128, **fields)  # a vocabulary megarope need not pad
+    model = M.build_model(preset, RopeConfig())
+    assert M.count_parameters(model) == preset.num_params()
+    names = dict(model.named_parameters())
+    assert ("output_layer.weight" in names) == (not preset.tie_embeddings)
+    assert ("decoder.layers.0.self_attention.linear_qkv.bias" in names) == preset.qkv_bias
+    assert names["decoder.layers.0.self_attention.linear_qkv.weight"].shape[0] == (4 + 2 * 2) * preset.head_dim
+
+
+def test_yarn_model_takes_megatron_yarn_path():
+    parallel.init()
+    rope = RopeConfig(yarn={"factor": 4.0, "original_len": 32})
+    model = M.build_model(M.get_preset("toy"), rope)
+    assert model.position_embedding_type == "yarn" and isinstance(model.rotary_pos_emb, R.YarnRotaryEmbedding)
+    assert model.config.yarn_rotary_scaling_factor == 4.0  # where megatron's attention reads the temperature from
+    tokens = torch.randint(0, 257, (1, 64))
+    assert model(tokens, torch.arange(64)[None], None).shape == (1, 64, 384)

@@ -46,3 +46,34 @@ def test_plan_bad_input_is_one_line_exit_2(args, words):
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and words in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_plan_honours_rotary_percent(capsys):
+    from megarope import planner, scaling
+
+    quarter = planner.make_plan(128, 4096, 16384, [1e6], [], rotary_percent=0.25)
+    assert quarter["rotary_dim"] == 32 and quarter["critical_dim"] == scaling.critical_dimension(32, 4096) == 24
+    bound = quarter["bases"][0]["extrapolation_bound"]
+    assert bound == scaling.extrapolation_bound(32, 4096, 1e6)  # 2pi * 1e6^(24/32), not 1e6^(92/128)
+    assert bound > 1.3 * planner.make_plan(128, 4096, 16384, [1e6], [])["bases"][0]["extrapolation_bound"]
+    assert main(["plan", "--rotary-percent", "0.5", "--base", "1e6"]) == 0
+    assert "head dim 128 (rotary dim 64: rotary_percent 0.5)" in capsys.readouterr().out
+
+
+def test_plan_from_an_hf_directory(tmp_path, capsys):
+    """A Llama-3.1-like config.json: pretrained at 8K with base 500000, served at 128K. Flags still win."""
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 4096,
+              "num_attention_heads": 32, "num_key_value_heads": 8, "intermediate_size": 14336,
+              "num_hidden_layers": 32, "vocab_size": 128256, "max_position_embeddings": 131072,
+              "rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert main(["plan", "--from", str(tmp_path), "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert (plan["head_dim"], plan["train_len"], plan["tune_len"], plan["pretrain_base"]) == (128, 8192, 131072, 5e5)
+    assert plan["bases"][0]["base"] == 5e5 and plan["lineage"]["sources"]["pretrain_len"] == \
+        "config.json rope_scaling.original_max_position_embeddings"
+    assert main(["plan", "--from", str(tmp_path), "--pretrain-base", "1e4", "--base", "1e6"]) == 0
+    out = capsys.readouterr().out
+    assert "lineage of" in out and "(pretraining base 10,000)" in out and "train length 8192" in out
+    assert run_cli("plan", "--from", str(tmp_path / "nowhere")).returncode == 2

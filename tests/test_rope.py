@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -72,3 +73,71 @@ def test_plain_table_matches_megatron():
     ref = RotaryEmbedding(kv_channels=32, rotary_percent=1.0, rotary_base=1e6, use_cpu_initialization=True)
     expected = torch.cat([ref.get_freqs_non_repeated(50)] * 2, dim=-1)[:, None, None, :]
     assert torch.allclose(_table(R.RopeConfig(base=1e6), 50), expected)
+
+
+def test_scalings_do_not_combine():
+    with pytest.raises(ValueError, match="one RoPE scaling at a time"):
+        R.RopeConfig(linear_factor=2.0, yarn={"factor": 4.0, "original_len": 64})
+    with pytest.raises(ValueError, match="dynamic NTK .* llama3_factor"):
+        R.RopeConfig(dynamic_ntk=True, llama3_factor=8.0)
+    with pytest.raises(ValueError, match="rotary_percent must be 1 with yarn"):
+        R.RopeConfig(rotary_percent=0.5, yarn={"factor": 4.0, "original_len": 64})
+
+
+def test_yarn_config_reads_back_from_json():
+    from dataclasses import asdict
+
+    rope = R.RopeConfig(base=1e4, yarn=R.Yarn(factor=4.0, original_len=64, mscale=0.707, mscale_all_dim=0.5))
+    again = R.RopeConfig(**json.loads(json.dumps(asdict(rope))))
+    assert again == rope and isinstance(again.yarn, R.Yarn) and hash(again) == hash(rope)
+    assert R.RopeConfig(**{k: v for k, v in asdict(R.RopeConfig()).items() if k != "yarn"}).yarn is None  # old metadata
+
+
+def _hf_rotary(length, **rope_parameters):
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    config = LlamaConfig(hidden_size=128, num_attention_heads=4, max_position_embeddings=256,
+                         rope_parameters=rope_parameters)
+    cos, sin = LlamaRotaryEmbedding(config)(torch.zeros(1, length, 128), torch.arange(length)[None])
+    return cos[0], sin[0]
+
+
+@pytest.mark.parametrize("params", [
+    {"factor": 4.0, "original_max_position_embeddings": 64},
+    {"factor": 8.0, "original_max_position_embeddings": 32, "beta_fast": 16, "beta_slow": 2, "truncate": False},
+    {"factor": 4.0, "original_max_position_embeddings": 64, "mscale": 0.707, "mscale_all_dim": 0.5},
+], ids=["default", "betas-untruncated", "mscale"])
+def test_yarn_table_and_temperature_equal_transformers(params):
+    """megatron's YaRN frequencies through megarope's table, times megatron's temperature = transformers' cos/sin."""
+    from megarope import compat
+
+    compat.apply()  # megatron's YaRN table goes to torch.cuda.current_device(), as parallel.init arranges
+    yarn = R.Yarn(factor=params["factor"], original_len=params["original_max_position_embeddings"],
+                  beta_fast=params.get("beta_fast", 32), beta_slow=params.get("beta_slow", 1),
+                  mscale=params.get("mscale", 1.0), mscale_all_dim=params.get("mscale_all_dim", 0.0),
+                  truncate=params.get("truncate", True))
+    table = R.rotary_embedding(R.RopeConfig(base=500.0, yarn=yarn), kv_channels=32)
+    angles, temperature = table(200)
+    assert temperature == pytest.approx(yarn.attention_factor, rel=1e-12) and temperature > 1
+    cos, sin = _hf_rotary(200, rope_type="yarn", rope_theta=500.0, **params)
+    torch.testing.assert_close(torch.cos(angles[:, 0, 0]) * temperature, cos, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.sin(angles[:, 0, 0]) * temperature, sin, atol=1e-5, rtol=1e-5)
+    for rank in range(2):  # CP: this rank's positions of the same table
+        local, _ = R.YarnRotaryEmbedding(R.RopeConfig(base=500.0, yarn=yarn), 32, FakeGroup(2, rank))(200)
+        assert torch.equal(local, angles[parallel.cp_local_positions(200, 2, rank)])
+
+
+def test_llama3_scaling_with_all_four_numbers_equals_transformers():
+    rope = R.RopeConfig(base=5e5, llama3_factor=8.0, llama3_low_freq_factor=2.0, llama3_high_freq_factor=8.0,
+                        llama3_original_len=64)
+    angles = _table(rope, 200)[:, 0, 0]
+    cos, sin = _hf_rotary(200, rope_type="llama3", rope_theta=5e5, factor=8.0, low_freq_factor=2.0,
+                          high_freq_factor=8.0, original_max_position_embeddings=64)
+    torch.testing.assert_close(torch.cos(angles), cos, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.sin(angles), sin, atol=1e-5, rtol=1e-5)
+
+
+def test_describe():
+    assert R.RopeConfig(base=5e5, llama3_factor=8.0).describe() == "base 500000, Llama-3 scaling x8"
+    assert "YaRN x4 from 64 (attention factor 1.139)" in R.RopeConfig(yarn={"factor": 4.0, "original_len": 64}).describe()

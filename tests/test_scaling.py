@@ -86,3 +86,10 @@ def test_periods():
 def test_bad_input_names_the_argument(call, name):
     with pytest.raises(ValueError, match=name):
         call()
+
+
+def test_rotary_dim():
+    assert scaling.rotary_dim(128) == 128 and scaling.rotary_dim(128, 0.5) == 64 and scaling.rotary_dim(80, 0.25) == 20
+    for head_dim, percent in ((127, 1.0), (128, 0.01), (100, 0.25)):
+        with pytest.raises(ValueError):
+            scaling.rotary_dim(head_dim, percent)
