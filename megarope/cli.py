@@ -345,7 +345,11 @@ def _add_demo(sub) -> None:
 def _run_demo(args) -> None:
     from megarope import demo
 
-    demo.run(args.out, args.quick)
+    try:
+        demo.run(args.out, args.quick)
+    except demo.Interrupted as e:  # one line, and the usual status of a process ended by that signal
+        print(f"megarope demo: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + e.signum) from None
 
 
 def build_parser() -> argparse.ArgumentParser:

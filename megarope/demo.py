@@ -12,14 +12,20 @@
    attention makes the shorter lengths prefixes of it), and put the scaling law's predicted bound
    next to the measured break point (megarope.evaluate.measured_break).
 
-Each phase is a checkpoint directory under --out; a rerun skips every phase whose checkpoint is
-complete, so a second `make demo` only re-evaluates and reprints.
+Each training stage is a checkpoint directory under --out. A rerun reuses a stage only if its
+checkpoint is complete and was trained with the same settings from the same starting checkpoint,
+resumes one that was stopped, and starts over one that was not; so a second `make demo` only
+re-evaluates and reprints. SIGTERM or SIGINT stops the whole demo: a training stage first saves at
+the end of its step (see Interrupted).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass
 
@@ -38,6 +44,7 @@ class Budget:
     pretrain_steps: int
     tune_steps: int
     eval_docs: int
+    eval_len: int = EVAL_LEN
 
 
 FULL = Budget(pretrain_steps=3000, tune_steps=1000, eval_docs=20)
@@ -58,20 +65,84 @@ def _train_config(out: str, name: str, base: float, steps: int, lr: float, data_
     }
 
 
-def _train_phase(label: str, cfg: dict) -> str:
-    """Train unless the checkpoint directory already holds the finished run; returns its checkpoint."""
-    from megarope import checkpoint, parallel, train
+class Interrupted(Exception):
+    """SIGTERM or SIGINT stopped the demo. Finished stages are kept; a rerun resumes the stopped one."""
 
-    done = checkpoint.latest_checkpoint(cfg["checkpoint"]["dir"])
-    if done and checkpoint.read_train_state(done)["step"] >= cfg["train"]["steps"]:
-        print(f"[{label}] cached: {done}", flush=True)
-        return done
+    def __init__(self, signum: int, where: str):
+        self.signum = signum
+        super().__init__(f"stopped by {signal.Signals(signum).name} {where}; run it again to resume")
+
+
+class _StopSignals:
+    """SIGTERM and SIGINT for the whole demo.
+
+    While a training stage is in its step loop, train's own SIGTERM handler is installed: the stage
+    saves at the end of its step and returns, stopped by the signal; a SIGINT is passed on to it as a
+    SIGTERM. Anywhere else nothing is half-done that a save could keep (files are written atomically),
+    so a signal raises Interrupted at once, and so does a second one during a stage's save.
+    """
+
+    def __init__(self):
+        self.received: int | None = None
+        self.where = "before its first stage"
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._handler = self._handle  # one bound method, so that getsignal can recognise it
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, _frame):
+        first = self.received is None
+        self.received = self.received or signum
+        if first and signal.getsignal(signal.SIGTERM) is not self._handler:  # a stage's step loop has SIGTERM
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        raise Interrupted(signum, self.where)
+
+
+def _comparable(cfg: dict) -> dict:
+    """What decides a stage's result: the model, RoPE and training settings, and the checkpoint it
+    starts from (by real path, so a stage trained from another pretraining checkpoint never matches)."""
+    start = cfg["init"]["from"]
+    return {**{key: cfg[key] for key in ("model", "rope", "train")},
+            "init": os.path.realpath(start) if start else None}
+
+
+def _stage(label: str, cfg: dict, signals: _StopSignals) -> str:
+    """Train one stage unless its checkpoint directory already holds it finished; returns its checkpoint."""
+    from megarope import checkpoint, config as configuration, parallel, train
+
+    root, steps = cfg["checkpoint"]["dir"], cfg["train"]["steps"]
+    found = checkpoint.latest_checkpoint(root)
+    start = f"training {steps} steps"
+    if found:
+        saved = checkpoint.read_train_state(found)
+        if _comparable(saved["config"]) != _comparable(configuration.validate(cfg).to_dict()):
+            print(f"[{label}] {root} was trained with other settings or from another checkpoint: starting over",
+                  flush=True)
+            shutil.rmtree(root)
+        elif saved["step"] >= steps:
+            print(f"[{label}] cached: {found}", flush=True)
+            return found
+        else:
+            start = f"resuming at step {saved['step']} of {steps}"
     started = time.perf_counter()
-    print(f"[{label}] training {cfg['train']['steps']} steps, base {cfg['rope']['base']:g}", flush=True)
+    signals.where = f"in stage {label}"
+    print(f"[{label}] {start}, base {cfg['rope']['base']:g}", flush=True)
     try:
-        summary = train.run(cfg, progress=True)
+        summary = train.run(cfg)  # a progress bar on a terminal, periodic lines in a log
     finally:
         parallel.destroy()
+    if summary["stopped"]:
+        raise Interrupted(signals.received or signal.SIGTERM,
+                          f"in stage {label} after step {summary['step']} of {steps} (saved {summary['checkpoint']})")
     print(f"[{label}] done in {time.perf_counter() - started:.0f} s, loss {summary['loss']:.3f}", flush=True)
     return summary["checkpoint"]
 
@@ -81,11 +152,17 @@ def predicted_bound(base: float) -> float | None:
     return scaling.plan_base(32, TRAIN_LEN, base, TRAIN_LEN, PRETRAIN_BASE).extrapolation_bound
 
 
-def run(out: str = "runs/demo", quick: bool = False, budget: Budget | None = None, eval_len: int = EVAL_LEN) -> list[dict]:
+def run(out: str = "runs/demo", quick: bool = False, budget: Budget | None = None) -> list[dict]:
     """The whole demo; returns the summary ({base, predicted_bound, measured_break} per base).
 
-    ``budget`` and ``eval_len`` shrink it further (the test suite runs a seconds-scale version).
+    ``budget`` shrinks it further (the test suite runs a seconds-scale version). Raises Interrupted
+    when SIGTERM or SIGINT stops it (in the main thread; elsewhere signals are left alone).
     """
+    with _StopSignals() as signals:
+        return _run(out, quick, budget, signals)
+
+
+def _run(out: str, quick: bool, budget: Budget | None, signals: _StopSignals) -> list[dict]:
     from megarope import data, evaluate
 
     budget = budget or (QUICK if quick else FULL)
@@ -95,27 +172,32 @@ def run(out: str = "runs/demo", quick: bool = False, budget: Budget | None = Non
     started = time.perf_counter()
 
     t = time.perf_counter()
+    signals.where = "while preparing the data"
     prefix = data.prepare_toy_data(data_dir)
     _, eval_path = data.stdlib_corpus(data_dir)
     timings["data"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    pretrained = _train_phase("pretrain", _train_config(out, "pretrain", PRETRAIN_BASE, budget.pretrain_steps, 2e-3,
-                                                        prefix, None))
+    pretrained = _stage("pretrain", _train_config(out, "pretrain", PRETRAIN_BASE, budget.pretrain_steps, 2e-3,
+                                                  prefix, None), signals)
     timings["pretrain"] = time.perf_counter() - t
     tuned = {}
     for base in BASES:
         t = time.perf_counter()
         name = f"base-{base:g}"
-        tuned[base] = _train_phase(name, _train_config(out, name, base, budget.tune_steps, 1e-3, prefix, pretrained))
+        tuned[base] = _stage(name, _train_config(out, name, base, budget.tune_steps, 1e-3, prefix, pretrained),
+                             signals)
         timings[name] = time.perf_counter() - t
 
     t = time.perf_counter()
+    signals.where = "in stage eval (the trained stages are kept)"
+    eval_len = budget.eval_len
     print(f"[eval] {len(BASES)} models up to {eval_len} tokens on {budget.eval_docs} held-out files", flush=True)
     lengths = [TRAIN_LEN * 2**k for k in range(int(math.log2(eval_len // TRAIN_LEN)) + 1)]
     records = evaluate.run([tuned[b] for b in BASES], [eval_path], lengths, out_dir=out, max_docs=budget.eval_docs,
                            bucket0=TRAIN_LEN, positions=True, verbose=False)
     timings["eval"] = time.perf_counter() - t
+    print(f"[eval] done in {timings['eval']:.0f} s", flush=True)
 
     longest = [r for r in records if r["length"] == eval_len]  # one per base, in BASES order
     summary = [{"base": base, "predicted_bound": predicted_bound(base),
