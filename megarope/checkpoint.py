@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import queue
 import re
 import shutil
 from dataclasses import asdict
@@ -22,6 +23,7 @@ from dataclasses import asdict
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.dist_checkpointing.validation import StrictHandling
 
 from megarope.data import copy_tokenizer
@@ -46,8 +48,24 @@ def model_meta(model, **extra) -> dict:
             "backend": model.megarope_backend, **extra}
 
 
+def _write_results_in_process() -> None:
+    """Keep megatron's save from depending on a helper process that a stop signal kills.
+
+    megatron's writer passes its write results through a multiprocessing Manager queue, a helper
+    process spawned at the first save (filesystem_async.get_write_results_queue). A stop signal sent
+    to every process of a run (Slurm signals all processes of a job step, torchrun a worker's process
+    group) kills that helper too, and the very save the signal asked for fails (BrokenPipeError).
+    megarope saves synchronously, so results are put and got in this process: a plain queue does the
+    job with no helper. (The trade-off: it sets a module global of megatron's; megatron 0.19.2 offers
+    no argument for it.)
+    """
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
+
+
 def begin_save(final_dir: str, subdirs: tuple[str, ...] = ()) -> str:
     """Make (on rank 0) and return the temporary directory a save writes into, with ``subdirs``."""
+    _write_results_in_process()
     tmp = partial_dir(final_dir)
     if is_main():
         os.makedirs(os.path.dirname(tmp), exist_ok=True)

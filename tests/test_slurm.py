@@ -238,9 +238,6 @@ def test_scancel_ends_the_job_without_requeue(cancelled):
     assert "resuming from" not in cancelled.output  # one start only
 
 
-@pytest.mark.xfail(strict=True, reason="megatron's dist_checkpointing write-results process (spawned at the first "
-                                       "save) dies from the signal Slurm sends every process of the step, so the "
-                                       "save the signal asked for fails; fix pending in megarope/checkpoint.py")
 @pytest.mark.parametrize("scenario", ["time_limit", "preempted_with_grace", "preempted_without_grace", "cancelled"])
 def test_the_ranks_save_at_the_step_they_stop(scenario, request):
     run = request.getfixturevalue(scenario)
