@@ -183,11 +183,9 @@ def test_blend_trains_and_dp_rank_reads_its_own_samples(corpus, tmp_path):
                            "train.steps=2", "train.warmup_steps=0"), progress=False)
     assert s["step"] == 2 and s["loss"] is not None
     # a micro batch of DP rank r holds samples consumed + (m*DP + r)*mbs .. (megatron's order)
-    run = train._Run.__new__(train._Run)
-    run.cfg = make_cfg(corpus, tmp_path / "x", "train.micro_batch=1")
-    run.layout, run.dp_rank, run.num_micro = train.parallel.Layout(1, 1, 1, 2, 2, 1), 1, 2
-    run.dataset = [{"tokens": [i], "labels": [i], "loss_mask": [1], "position_ids": [0]} for i in range(20)]
-    assert [b["tokens"].flatten().tolist() for b in run._micro_batches(8)] == [[9], [11]]
+    dataset = [{"tokens": [i], "labels": [i], "loss_mask": [1], "position_ids": [0]} for i in range(20)]
+    batches = train.micro_batches(dataset, 8, micro_batch=1, dp=2, dp_rank=1, count=2)
+    assert [b["tokens"].flatten().tolist() for b in batches] == [[9], [11]]
 
 
 def test_nan_loss_skips_then_saves_and_stops_with_exit_2(corpus, tmp_path, capsys):
@@ -217,7 +215,9 @@ def test_nan_loss_skips_then_saves_and_stops_with_exit_2(corpus, tmp_path, capsy
     (["model.preset=llama-3"], "unknown model preset"),
     (["model.backend=te"], "need a GPU with Transformer Engine"),
     (["train.fp8=e4m3"], "train.fp8 needs model.backend: te"),
-    (["train.recompute=true"], "train.recompute needs a GPU"),
+    (["parallel.pp=3", "--dry-run"], "4 layers cannot be split evenly over PP = 3 pipeline stages"),
+    (["parallel.pp=2"], "world size 1 is not divisible by TP*CP*PP = 1*1*2"),
+    (["parallel.vpp=2"], "parallel.vpp (2) needs parallel.pp > 1"),
     (["train.exit_at_step=99"], "past train.steps"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(corpus, tmp_path, capsys, overrides, words):
