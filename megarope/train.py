@@ -391,7 +391,7 @@ class Trainer:
             self.preset, self.preset_name, self.tokenizer = _resolve_model_and_tokenizer(cfg, self.resume_dir)
             check_layout(cfg, self.preset, layout)
             if self.resume_dir:
-                _check_resume(cfg, self.resume_dir, self._precision(), layout)
+                check_resume(cfg, self.resume_dir, self._precision(), layout)
             self.sources = _data_prefixes(cfg, self.tokenizer)
         self.num_micro = cfg.train.global_batch // (cfg.train.micro_batch * layout.dp)
 
@@ -735,7 +735,7 @@ def _layout_text(layout: dict) -> str:
     return "TP {tp} x CP {cp} x PP {pp}".format(**layout) + (f" (VPP {layout['vpp']})" if layout.get("vpp") else "")
 
 
-def _check_resume(cfg: configuration.Config, resume_dir: str, precision: dict, layout: parallel.Layout) -> None:
+def check_resume(cfg: configuration.Config, resume_dir: str, precision: dict, layout: parallel.Layout) -> None:
     """A run continues only what it started: same optimizer kind, batch, length, RoPE, backend and
     numerics; the layout may change where the optimizer's checkpoint format reshards (DP and CP always,
     TP and PP with the CPU optimizer; see optim.CHECKPOINT_METADATA). To start something new from a
