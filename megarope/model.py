@@ -83,6 +83,7 @@ def transformer_config_kwargs(preset: Preset, backend: str = "local", dtype: tor
         raise ValueError(f"backend must be one of {spec.BACKENDS}, got {backend!r}")
     if fp8 and backend != "te":
         raise ValueError("FP8 needs the Transformer Engine backend (backend: te)")
+    virtual = parallel_state.get_virtual_pipeline_model_parallel_world_size()
     return dict(
         num_layers=preset.num_layers, hidden_size=preset.hidden_size, num_attention_heads=preset.num_heads,
         num_query_groups=preset.num_query_groups, ffn_hidden_size=preset.ffn_hidden_size,
@@ -94,8 +95,12 @@ def transformer_config_kwargs(preset: Preset, backend: str = "local", dtype: tor
         tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
         context_parallel_size=parallel_state.get_context_parallel_world_size(),
         pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
-        virtual_pipeline_model_parallel_size=parallel_state.get_virtual_pipeline_model_parallel_world_size(),
+        virtual_pipeline_model_parallel_size=virtual,
         pipeline_dtype=dtype,  # what the stages send each other
+        # Interleaved stages exchange activations and gradients with the same neighbour at once; batched
+        # isend/irecv then pairs them by order alone and, over gloo, mixes them up (seen: wrong losses from
+        # the third micro batch on). Separate sends, as megatron's training configures interleaving, do not.
+        overlap_p2p_comm=virtual is not None, batch_p2p_comm=virtual is None,
         sequence_parallel=sequence_parallel and parallel_state.get_tensor_model_parallel_world_size() > 1,
         use_cpu_initialization=not torch.cuda.is_available(), params_dtype=dtype,
         bf16=dtype == torch.bfloat16, init_method_std=0.02,

@@ -415,7 +415,8 @@ class Trainer:
         self.rope = RopeConfig(**cfg.rope_config())
         try:
             self.chunks = build_model_chunks(
-                self.preset, self.rope, cfg.model.backend, dtype=torch.bfloat16 if self.dtype == "bf16" else torch.float32,
+                self.preset, self.rope, cfg.model.backend,
+                dtype=torch.bfloat16 if self.dtype == "bf16" else torch.float32,
                 sequence_parallel=cfg.parallel.sequence_parallel, recompute=t.recompute, fp8=t.fp8,
                 fp8_recipe=t.fp8_recipe)
         except (ImportError, ValueError) as e:
@@ -522,7 +523,8 @@ class Trainer:
             where = f"resuming from {self.resume_dir} (step {saved['step']})"
             if cfg.init.from_:
                 where += "; init.from is not used when resuming"
-            return TrainState(saved["step"], saved["consumed_samples"], saved.get("nan_skips", 0), saved.get("loss")), where
+            state = TrainState(saved["step"], saved["consumed_samples"], saved.get("nan_skips", 0), saved.get("loss"))
+            return state, where
         if cfg.init.from_:
             for chunk in self.chunks:
                 checkpoint.load_model(chunk, cfg.init.from_)
@@ -650,7 +652,8 @@ def dry_run(cfg: configuration.Config, world: int | None = None) -> tuple[str, s
              f"model: {name} ({preset.num_layers} layers, {preset.num_layers // p.pp} per pipeline stage), "
              f"{memory.model_parameters(preset) / 1e9:.2f}B parameters; per rank: "
              + ", ".join(f"stage {i} {n / 1e9:.2f}B" for i, n in enumerate(stages)),
-             f"estimated memory per GPU of the fullest rank (GB = 1e9 bytes; parallel.gpu_memory_gb = {p.gpu_memory_gb:g}):",
+             f"estimated memory per GPU of the fullest rank (GB = 1e9 bytes; "
+             f"parallel.gpu_memory_gb = {p.gpu_memory_gb:g}):",
              *(f"  {what:<16} {value / gb:7.1f}  {detail}" for what, detail, value in rows)]
     for recompute in (False, True):
         total = estimate.total(recompute)
@@ -759,7 +762,8 @@ def check_resume(cfg: configuration.Config, resume_dir: str, precision: dict, la
         raise UsageError(f"{resume_dir} was trained with another RoPE ({changed}); {hint}")
     old_precision = saved.get("precision")
     if old_precision is not None and old_precision != precision:
-        changed = ", ".join(f"{k}: {old_precision.get(k)} -> {v}" for k, v in precision.items() if old_precision.get(k) != v)
+        changed = ", ".join(f"{k}: {old_precision.get(k)} -> {v}"
+                            for k, v in precision.items() if old_precision.get(k) != v)
         raise UsageError(f"{resume_dir} was trained with other numerics ({changed}); {hint}")
     old_layout = {"tp": 1, "cp": 1, "pp": 1, "vpp": None, **saved.get("layout", {})}
     new_layout = {"tp": layout.tp, "cp": layout.cp, "pp": layout.pp, "vpp": layout.vpp}

@@ -265,7 +265,8 @@ def test_bad_input_in_a_fresh_process_prints_exactly_one_line(corpus, tmp_path):
 # ----------------------------------------------------------------------------------------------- the step
 def _benchmark():
     """benchmarks/train_throughput.py, whose hand_written_step is the loop training ran before megatron's schedules."""
-    spec = importlib.util.spec_from_file_location("train_throughput", os.path.join(REPO, "benchmarks", "train_throughput.py"))
+    path = os.path.join(REPO, "benchmarks", "train_throughput.py")
+    spec = importlib.util.spec_from_file_location("train_throughput", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -565,10 +566,11 @@ def _copy_step(reference_dir, root, name, step="step_0000004"):
 
 
 def _pipeline_runs(corpus, root, reference_dir):
-    """On 2 gloo ranks: PP=2, PP=2 with 2 virtual stages each, PP=2 with recompute, a PP=2 resume of the
-    one-process run's step 4, and the layouts PP refuses."""
+    """On 2 gloo ranks: PP=2, PP=2 with 2 virtual stages each (4 micro batches: the interleaved schedule's
+    exchanges overlap from the third on), PP=2 with recompute, a PP=2 resume of the one-process run's
+    step 4, and the layouts PP refuses."""
     out = {}
-    for name, overrides in {"pp2": ["parallel.pp=2"], "vpp2": ["parallel.pp=2", "parallel.vpp=2"],
+    for name, overrides in {"pp2": ["parallel.pp=2"], "vpp2": ["parallel.pp=2", "parallel.vpp=2", "train.micro_batch=1"],
                             "pp2_recompute": ["parallel.pp=2", "train.recompute=true"]}.items():
         out[name] = train.run(make_cfg(corpus, os.path.join(root, name), *overrides), progress=False)
     out["resumed"] = train.run(make_cfg(corpus, _copy_step(reference_dir, root, "resumed"), "parallel.pp=2"),
