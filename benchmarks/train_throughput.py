@@ -19,7 +19,9 @@ puts inside:
 With --schedule: the full training step of `megarope train` (train.Trainer.train_step: megatron's
 DDP, gradient accumulation over the micro batches, finalize_model_grads, the AdamW step, on megatron's
 forward_backward_func) against the hand-written loop it replaced (hand_written_step below, the same
-model, DDP, optimizer, scheduler and data), alternating on one model.
+model, DDP, optimizer, scheduler and data), alternating on one model. Besides tokens/s (wall clock),
+it prints the ratio of the median CPU time per step of this process, which other work on a shared
+machine disturbs much less than the wall clock.
 Measurement: `--rounds` alternating rounds of `--steps` timed steps per model (after warm-up steps), so
 both see the same machine load; tokens/s is the median over rounds. One markdown table row is printed
 (with --header, the header too); the numbers for this repository are in docs/benchmarks.md.
@@ -165,11 +167,12 @@ def schedule_vs_loop(args) -> int:
         state = train.TrainState()
 
         def timed(step_fn, n):
-            start = time.perf_counter()
+            """(wall seconds, CPU seconds of this process) per step over n steps."""
+            wall, cpu = time.perf_counter(), time.process_time()
             for _ in range(n):
                 step_fn(trainer, state)
                 state.consumed_samples += cfg.train.global_batch
-            return (time.perf_counter() - start) / n
+            return (time.perf_counter() - wall) / n, (time.process_time() - cpu) / n
 
         steps_of = {"schedule": lambda tr, st: tr.train_step(st, False), "loop": hand_written_step}
         for fn in steps_of.values():
@@ -180,16 +183,17 @@ def schedule_vs_loop(args) -> int:
                 seconds[kind].append(timed(fn, args.steps))
         parallel.destroy()
     tokens = cfg.train.global_batch * args.seq_len
-    rate = {kind: tokens / statistics.median(s) for kind, s in seconds.items()}
-    spread = {kind: (tokens / max(s), tokens / min(s)) for kind, s in seconds.items()}
+    wall = {kind: tokens / statistics.median(w for w, _ in s) for kind, s in seconds.items()}
+    spread = {kind: (tokens / max(w for w, _ in s), tokens / min(w for w, _ in s)) for kind, s in seconds.items()}
+    cpu = {kind: tokens / statistics.median(c for _, c in s) for kind, s in seconds.items()}
     if args.header:
         print("| machine | model | seq x micro batch x micro batches | megatron schedule tokens/s "
-              "| hand-written loop tokens/s | ratio |")
-        print("|---|---|---|---:|---:|---:|")
+              "| hand-written loop tokens/s | ratio | ratio of CPU time |")
+        print("|---|---|---|---:|---:|---:|---:|")
     print(f"| {machine()} | {args.preset}, fp32 | {args.seq_len} x {args.micro_batch} x {num_micro} | "
-          f"{rate['schedule']:,.0f} ({spread['schedule'][0]:,.0f}-{spread['schedule'][1]:,.0f}) | "
-          f"{rate['loop']:,.0f} ({spread['loop'][0]:,.0f}-{spread['loop'][1]:,.0f}) | "
-          f"{rate['schedule'] / rate['loop']:.3f} |")
+          f"{wall['schedule']:,.0f} ({spread['schedule'][0]:,.0f}-{spread['schedule'][1]:,.0f}) | "
+          f"{wall['loop']:,.0f} ({spread['loop'][0]:,.0f}-{spread['loop'][1]:,.0f}) | "
+          f"{wall['schedule'] / wall['loop']:.3f} | {cpu['schedule'] / cpu['loop']:.3f} |")
     return 0
 
 
