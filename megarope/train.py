@@ -456,7 +456,7 @@ class Trainer:
 
         batch = next(data_iterator)
         output = token_losses(model, batch["tokens"], batch["labels"], batch["position_ids"], **self.loss_kwargs)
-        if get_attr_wrapped_model(model, "post_process"):
+        if get_attr_wrapped_model(model, "post_process") and isinstance(output, tuple):
             output = output[0]  # (losses, accuracy or None): the loss is what the schedule back-propagates
         return output, functools.partial(token_loss_sum, batch["loss_mask"])
 
