@@ -1,7 +1,10 @@
-"""Training throughput: megarope's layer spec against megatron-core's stock local GPT spec, same config.
+"""Training throughput, two comparisons at the same config in one run each.
 
     .venv/bin/python benchmarks/train_throughput.py                   # toy preset, seq 128, micro batch 8
     .venv/bin/python benchmarks/train_throughput.py --seq-len 512 --micro-batch 2 --steps 10
+    .venv/bin/python benchmarks/train_throughput.py --schedule        # megatron's schedule vs the old loop
+
+Without --schedule: megarope's layer spec against megatron-core's stock local GPT spec.
 
 Both models are megatron-core GPTModels built from the same TransformerConfig (model.transformer_config:
 RMSNorm, SwiGLU, GQA, no biases, RoPE with the same base) and trained the same way in one process: a
@@ -13,6 +16,12 @@ puts inside:
   stock      megatron.core.models.gpt.gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm"):
              megatron's DotProductAttention with an explicit causal mask (its default mask is built on
              CUDA), no context parallelism, and GPTModel's own loss over full logits.
+With --schedule: the full training step of `megarope train` (train.Trainer.train_step: megatron's
+DDP, gradient accumulation over the micro batches, finalize_model_grads, the AdamW step, on megatron's
+forward_backward_func) against the hand-written loop it replaced (hand_written_step below, the same
+model, DDP, optimizer, scheduler and data), alternating on one model. Besides tokens/s (wall clock),
+it prints the ratio of the median CPU time per step of this process, which other work on a shared
+machine disturbs much less than the wall clock.
 Measurement: `--rounds` alternating rounds of `--steps` timed steps per model (after warm-up steps), so
 both see the same machine load; tokens/s is the median over rounds. One markdown table row is printed
 (with --header, the header too); the numbers for this repository are in docs/benchmarks.md.
@@ -52,7 +61,7 @@ def build(kind: str, preset, base: float, seq_len: int):
         model = mr_model.build_model(preset, RopeConfig(base=base, train_len=seq_len), "local")
 
         def loss_fn(tokens, labels):
-            losses, _ = loss.token_losses(model, tokens, labels)
+            losses = loss.token_losses(model, tokens, labels)[0]
             return loss.mean_loss(losses, torch.ones_like(losses))[0]
 
         return model, loss_fn
@@ -89,6 +98,105 @@ def measure(model, loss_fn, batches, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
+def hand_written_step(trainer, state) -> float:
+    """One training step the way `megarope train` ran it before it used megatron's schedules: its own
+    micro-batch loop under DDP's no_sync, each micro batch's mean token loss (loss.mean_loss, which
+    scales CP ranks' partial sums) averaged over the micro batches, then finalize_model_grads, the
+    scheduler and the optimizer. Returns the step's loss (this rank's share in a world of more than one).
+    The reference of the schedule comparison, and of tests/test_train.py's check that both compute
+    the same step."""
+    import contextlib
+
+    import torch
+    from megatron.core.distributed import finalize_model_grads
+
+    from megarope import loss, train
+
+    t, ddp = trainer.cfg.train, trainer.ddps[0]
+    ddp.zero_grad_buffer()
+    trainer.optimizer.zero_grad()
+    total = torch.zeros((), dtype=torch.float32)
+    batches = train.micro_batches(trainer.dataset, state.consumed_samples, t.micro_batch, trainer.layout.dp,
+                                  trainer.dp_rank, trainer.num_micro, trainer.layout.cp)
+    for m, batch in enumerate(batches):
+        with contextlib.nullcontext() if m == trainer.num_micro - 1 else ddp.no_sync():
+            losses = loss.token_losses(ddp, batch["tokens"], batch["labels"], batch["position_ids"])[0]
+            share, _ = loss.mean_loss(losses, batch["loss_mask"])
+            (share / trainer.num_micro).backward()
+        total += share.detach() / trainer.num_micro
+    finalize_model_grads([ddp])
+    trainer.scheduler.step(1)
+    trainer.optimizer.step()
+    return total.item()
+
+
+def tiny_corpus(directory: str) -> str:
+    """A byte-level indexed dataset of a few standard-library sources (its prefix)."""
+    import json
+    import sysconfig
+
+    from megarope import data
+
+    stdlib = sysconfig.get_paths()["stdlib"]
+    names = sorted(n for n in os.listdir(stdlib) if n.endswith(".py"))[:40]
+    with open(os.path.join(directory, "docs.jsonl"), "w") as f:
+        for name in names:
+            with open(os.path.join(stdlib, name), encoding="utf-8", errors="replace") as src:
+                f.write(json.dumps({"text": src.read()}) + "\n")
+    return data.preprocess([os.path.join(directory, "docs.jsonl")], "bytes", os.path.join(directory, "train"))["prefix"]
+
+
+def schedule_vs_loop(args) -> int:
+    """The --schedule comparison (see the module docstring)."""
+    import tempfile
+
+    from megarope import config, parallel, train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        num_micro = 2
+        steps = args.warmup + args.rounds * args.steps * 2
+        cfg = config.validate({
+            "model": {"preset": args.preset, "backend": "local"}, "rope": {"base": args.base},
+            "train": {"steps": steps + 1, "seq_len": args.seq_len, "micro_batch": args.micro_batch,
+                      "global_batch": args.micro_batch * num_micro, "lr": 1e-4, "warmup_steps": 0, "dtype": "fp32"},
+            "data": {"path": tiny_corpus(tmp), "tokenizer": "bytes"}, "checkpoint": {"dir": os.path.join(tmp, "ck")},
+            "log": {"tensorboard": False}})
+        layout = parallel.init(1, 1, 1, 1234)
+        trainer = train.Trainer(cfg, layout, "fp32", progress=False)
+        trainer.build()
+        state = train.TrainState()
+
+        def timed(step_fn, n):
+            """(wall seconds, CPU seconds of this process) per step over n steps."""
+            wall, cpu = time.perf_counter(), time.process_time()
+            for _ in range(n):
+                step_fn(trainer, state)
+                state.consumed_samples += cfg.train.global_batch
+            return (time.perf_counter() - wall) / n, (time.process_time() - cpu) / n
+
+        steps_of = {"schedule": lambda tr, st: tr.train_step(st, False), "loop": hand_written_step}
+        for fn in steps_of.values():
+            timed(fn, args.warmup)
+        seconds = {kind: [] for kind in steps_of}
+        for _ in range(args.rounds):
+            for kind, fn in steps_of.items():
+                seconds[kind].append(timed(fn, args.steps))
+        parallel.destroy()
+    tokens = cfg.train.global_batch * args.seq_len
+    wall = {kind: tokens / statistics.median(w for w, _ in s) for kind, s in seconds.items()}
+    spread = {kind: (tokens / max(w for w, _ in s), tokens / min(w for w, _ in s)) for kind, s in seconds.items()}
+    cpu = {kind: tokens / statistics.median(c for _, c in s) for kind, s in seconds.items()}
+    if args.header:
+        print("| machine | model | seq x micro batch x micro batches | megatron schedule tokens/s "
+              "| hand-written loop tokens/s | ratio | ratio of CPU time |")
+        print("|---|---|---|---:|---:|---:|---:|")
+    print(f"| {machine()} | {args.preset}, fp32 | {args.seq_len} x {args.micro_batch} x {num_micro} | "
+          f"{wall['schedule']:,.0f} ({spread['schedule'][0]:,.0f}-{spread['schedule'][1]:,.0f}) | "
+          f"{wall['loop']:,.0f} ({spread['loop'][0]:,.0f}-{spread['loop'][1]:,.0f}) | "
+          f"{wall['schedule'] / wall['loop']:.3f} | {cpu['schedule'] / cpu['loop']:.3f} |")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="toy")
@@ -99,12 +207,16 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--header", action="store_true", help="print the table header first")
+    parser.add_argument("--schedule", action="store_true",
+                        help="compare megarope's training step on megatron's schedule with the old hand-written loop")
     args = parser.parse_args(argv)
 
     warnings.filterwarnings("ignore")
     import logging
 
     logging.getLogger("megatron").setLevel(logging.ERROR)
+    if args.schedule:
+        return schedule_vs_loop(args)
     import torch
 
     from megarope import parallel

@@ -29,7 +29,7 @@ from megatron.core.dist_checkpointing.validation import StrictHandling
 from megarope.data import copy_tokenizer
 from megarope.errors import UsageError
 from megarope.files import partial_dir, replace_dir, write_json_atomic, write_text_atomic
-from megarope.parallel import is_main
+from megarope.parallel import is_main, wait_for_all
 
 META = "megarope.json"
 # Transformer Engine (>= 2.18) unpickles the FP8 delayed-scaling state of a checkpoint only when this is 1.
@@ -38,8 +38,8 @@ EXTRA_STATE = "_extra_state"  # torch's key suffix for a module's get_extra_stat
 
 
 def _barrier():
-    if dist.is_initialized():
-        dist.barrier()
+    # rank 0 writes, renames and deletes while the others wait: a wait that may be long (parallel.py)
+    wait_for_all()
 
 
 def model_meta(model, **extra) -> dict:
@@ -263,25 +263,43 @@ def _prune(root: str, step: int, keep: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def _chunks(model) -> list:
+    """A model, or the list of a rank's model chunks (virtual pipeline stages), as a list."""
+    return list(model) if isinstance(model, (list, tuple)) else [model]
+
+
+def _sharded_model_state(model) -> dict:
+    """One sharded state dict for a model or its chunks. Keys are global (megatron numbers layers
+    across pipeline stages), so a checkpoint saved at any TP/CP/PP layout is one model checkpoint."""
+    chunks = _chunks(model)
+    if len(chunks) == 1:
+        return chunks[0].sharded_state_dict()
+    return {f"chunk{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+
+
 def save_training(root: str, step: int, model, optimizer, state: dict, rank_state: dict, meta: dict,
-                  keep: int, tokenizer_file: str | None = None) -> str:
+                  keep: int, tokenizer_file: str | None = None, optimizer_metadata: dict | None = None) -> str:
     """Save one training checkpoint atomically, point ``latest`` at it, keep the newest ``keep``.
 
-    Collective: every rank calls it. ``model`` is the bare GPTModel (not its DDP wrapper), so the
-    model part has the keys of save_model's; ``optimizer`` offers megatron's
-    ``sharded_state_dict(model_sharded_state_dict, is_loading)``; ``state`` (JSON-ready, the same on
-    every rank) is written by rank 0; ``rank_state`` (anything torch.save takes) by each rank.
+    Collective: every rank calls it. ``model`` is the bare GPTModel (not its DDP wrapper), or the list
+    of this rank's model chunks (virtual pipeline stages), so the model part has the keys of
+    save_model's; ``optimizer`` offers megatron's ``sharded_state_dict(model_sharded_state_dict,
+    is_loading, metadata=...)``, called with ``optimizer_metadata`` (recorded in train_state.json,
+    and used again by load_training); ``state`` (JSON-ready, the same on every rank) is written by
+    rank 0; ``rank_state`` (anything torch.save takes) by each rank.
     """
     final = step_dir(root, step)
+    optimizer_metadata = dict(optimizer_metadata or {})
     tmp = begin_save(final, subdirs=("model", "optimizer", "rank"))
-    model_sd = model.sharded_state_dict()
-    optimizer_sd = optimizer.sharded_state_dict(model_sd, is_loading=False)
+    model_sd = _sharded_model_state(model)
+    optimizer_sd = optimizer.sharded_state_dict(model_sd, is_loading=False, metadata=optimizer_metadata)
     dist_checkpointing.save(model_sd, os.path.join(tmp, "model"))
     dist_checkpointing.save(optimizer_sd, os.path.join(tmp, "optimizer"))
     rank = dist.get_rank() if dist.is_initialized() else 0
     torch.save(rank_state, os.path.join(tmp, "rank", f"rank_{rank:05d}.pt"))
     if is_main():
-        write_json_atomic(os.path.join(tmp, TRAIN_STATE), {**state, "step": step})
+        write_json_atomic(os.path.join(tmp, TRAIN_STATE),
+                          {**state, "step": step, "optimizer_metadata": optimizer_metadata})
     finish_save(tmp, final, meta, tokenizer_file)  # metadata last, then the rename (rank 0), barriers
     if is_main():
         _write_latest(root, os.path.basename(final))
@@ -295,15 +313,18 @@ def read_train_state(directory: str) -> dict:
 
 
 def load_training(directory: str, model, optimizer) -> tuple[dict, dict | None]:
-    """Restore the model and optimizer of a training checkpoint (collective).
+    """Restore the model (or this rank's model chunks) and the optimizer of a training checkpoint
+    (collective), the optimizer in the format its train_state.json records.
 
     Returns the train state (see save_training) and this rank's rank_state, or None when the
     checkpoint was written by fewer ranks than this run has.
     """
     state = read_train_state(directory)
-    load_model(model, directory)
-    model_sd = model.sharded_state_dict()
-    optimizer_sd = optimizer.sharded_state_dict(model_sd, is_loading=True)
+    for chunk in _chunks(model):
+        load_model(chunk, directory)
+    model_sd = _sharded_model_state(model)
+    optimizer_sd = optimizer.sharded_state_dict(model_sd, is_loading=True,
+                                                metadata=dict(state.get("optimizer_metadata") or {}))
     optimizer.load_state_dict(dist_checkpointing.load(optimizer_sd, os.path.join(directory, "optimizer")))
     rank = dist.get_rank() if dist.is_initialized() else 0
     path = os.path.join(directory, "rank", f"rank_{rank:05d}.pt")

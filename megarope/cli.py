@@ -196,6 +196,11 @@ def _add_train(sub) -> None:
     p.add_argument("config", metavar="CONFIG.yaml", help="training config (see examples/)")
     p.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="e.g. rope.base=1e6 parallel.cp=2")
     p.add_argument("--no-progress", action="store_true", help="print metric lines instead of a progress bar")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the layout, parameters per rank and estimated memory per GPU of the GPU run, without "
+                        "building anything; exit 2 when it does not fit parallel.gpu_memory_gb")
+    p.add_argument("--world", type=_positive_int, metavar="GPUS",
+                   help="with --dry-run: the job's GPU count (default: WORLD_SIZE, else TP x CP x PP)")
     p.set_defaults(run=_run_train)
 
 
@@ -204,6 +209,15 @@ def _run_train(args) -> None:
 
     cfg = load_config(args.config, args.overrides)  # bad config: one line, before torch/megatron load
     from megarope import parallel, train
+
+    if args.world and not args.dry_run:
+        raise UsageError("--world is for --dry-run (a real run's world size comes from its launcher)")
+    if args.dry_run:
+        report, refusal = train.dry_run(cfg, args.world)
+        print(report, flush=True)
+        if refusal:
+            raise UsageError(refusal)
+        return
 
     try:
         train.run(cfg, progress=False if args.no_progress else None)

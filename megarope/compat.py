@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import types
 import warnings
 
 DEVICE_ENV = "MEGAROPE_DEVICE"
@@ -74,9 +75,38 @@ def _patch(owner, name: str, value) -> None:
     setattr(owner, name, value)
 
 
+class _TorchWithCpuForCuda(types.ModuleType):
+    """torch as megatron's pipeline schedules see it: a tensor they make on device "cuda" lands on the CPU.
+
+    The schedules (forward_backward_no_pipelining and both pipelined ones) count loss tokens in
+    ``torch.zeros([], dtype=torch.int, device="cuda")``; every other name is torch's own.
+    """
+
+    def __init__(self, torch_module):
+        super().__init__("torch")
+        self._torch = torch_module
+
+    def __getattr__(self, name):
+        return getattr(self._torch, name)
+
+    def zeros(self, *size, device=None, **kwargs):
+        if device is not None and str(device).startswith("cuda"):
+            device = "cpu"
+        return self._torch.zeros(*size, device=device, **kwargs)
+
+
+def _no_cuda_rng_state(*_, **__):
+    """What megatron's recompute saves as "the CUDA RNG state" on a CPU: nothing (see apply, 13)."""
+    import torch
+
+    return torch.empty(0, dtype=torch.uint8)
+
+
 def apply() -> None:
     """Patch megatron-core's CUDA assumptions when no GPU is used. Idempotent."""
     import torch
+    from megatron.core.pipeline_parallel import schedules
+    from megatron.core.tensor_parallel import random as megatron_random
 
     global _applied
     if _applied or uses_cuda():
@@ -86,12 +116,21 @@ def apply() -> None:
         _patch(torch.cuda, "is_available", lambda: False)
     # 1. Buffers and rotary tables are put on torch.cuda.current_device(): make that the CPU.
     _patch(torch.cuda, "current_device", lambda: torch.device("cpu"))
-    # 6. dist_checkpointing syncs the GPU before and after saving.
+    # 6. dist_checkpointing syncs the GPU before and after saving (and pipeline p2p after each exchange).
     _patch(torch.cuda, "synchronize", lambda *a, **k: None)
     # 10. DDP's gradient sync orders its buckets on the current CUDA stream.
     _patch(torch.cuda, "current_stream", lambda *a, **k: _NullStream())
     _patch(torch.cuda, "stream", lambda *a, **k: contextlib.nullcontext())
-    # 2. (RNG) is handled in parallel.py, which seeds megatron's tracker without CUDA generators;
+    # 12. The pipeline schedules count loss tokens in a tensor made on device="cuda" (the only CUDA
+    # literal in them): only the schedules module sees a torch whose zeros() maps "cuda" to the CPU.
+    _patch(schedules, "torch", _TorchWithCpuForCuda(torch))
+    # 13. Activation recompute (tensor_parallel.checkpoint) saves and restores the CPU RNG state and
+    # "the CUDA RNG state" around the recomputed forward. Without CUDA there is no CUDA generator: the
+    # CPU state, which is what CPU dropout draws from, is already saved and restored beside it, so
+    # the CUDA half is empty and setting it does nothing.
+    _patch(megatron_random, "_get_cuda_rng_state", _no_cuda_rng_state)
+    _patch(megatron_random, "_set_cuda_rng_state", lambda *a, **k: None)
+    # 2. (RNG tracker) is handled in parallel.py, which seeds megatron's tracker without CUDA generators;
     # 3./5. (causal mask, CP) need no patch: megarope's own core attention builds neither on CUDA.
 
 

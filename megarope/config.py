@@ -68,8 +68,20 @@ class ParallelSection(_Section):
     """Tensor parallel size."""
     cp: int = Field(1, ge=1)
     """Context parallel size (each sequence is split over CP ranks)."""
+    pp: int = Field(1, ge=1)
+    """Pipeline parallel size: the layers are split evenly over PP stages (megatron's 1F1B schedule)."""
+    vpp: int | None = Field(None, ge=2)
+    """Virtual pipeline stages per pipeline rank (megatron's interleaved schedule); needs pp > 1."""
     sequence_parallel: bool = True
     """Split norms/dropout activations over the TP ranks too (only has an effect with tp > 1)."""
+    gpu_memory_gb: float = Field(80.0, gt=0)
+    """Memory of one GPU in GB (10^9 bytes) that `megarope train --dry-run` checks the layout against."""
+
+    @model_validator(mode="after")
+    def _virtual_stages_need_stages(self):
+        if self.vpp is not None and self.pp < 2:
+            raise ValueError(f"parallel.vpp ({self.vpp}) needs parallel.pp > 1 (it splits each pipeline stage)")
+        return self
 
 
 class TrainSection(_Section):
@@ -93,8 +105,9 @@ class TrainSection(_Section):
     clip_grad: float = Field(1.0, ge=0)
     """Clip the global gradient norm to this; 0 turns clipping off."""
     seed: int = 1234
-    dtype: Literal["fp32", "bf16"] = "fp32"
-    """Parameter/compute dtype. bf16 keeps fp32 master weights and fp32 gradient reduction."""
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    """Parameter/compute dtype. bf16 keeps fp32 master weights and fp32 gradient reduction. "auto": bf16 on
+    GPUs (Transformer Engine's fused attention needs it), fp32 on a CPU; checkpoints record the one used."""
     recompute: bool = False
     """Recompute each layer's activations in the backward pass (less memory, ~1/3 more compute)."""
     fp8: Literal["e4m3", "hybrid"] | None = None

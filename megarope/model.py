@@ -15,8 +15,12 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
+from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.spec_utils import build_module
+from megatron.core.transformer.transformer_block import get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from megarope import spec
 from megarope.rope import RopeConfig, rotary_embedding
@@ -73,6 +77,9 @@ PRESETS = {
                         vocab_size=32000, max_seq_len=4096),
     "llama2-13b": Preset(num_layers=40, hidden_size=5120, num_heads=40, num_query_groups=40, ffn_hidden_size=13824,
                          vocab_size=32000, max_seq_len=4096),
+    # Llama-2-70B: GQA with 8 KV groups (head dim 128).
+    "llama2-70b": Preset(num_layers=80, hidden_size=8192, num_heads=64, num_query_groups=8, ffn_hidden_size=28672,
+                         vocab_size=32000, max_seq_len=4096),
     # TinyLlama's 1.1B shape: GQA with 4 KV groups, small enough for 1M-token eval on one GPU.
     "llama-1b": Preset(num_layers=22, hidden_size=2048, num_heads=32, num_query_groups=4, ffn_hidden_size=5632,
                        vocab_size=32000, max_seq_len=2048),
@@ -97,11 +104,12 @@ def transformer_config(preset: Preset, backend: str = "local", **kwargs) -> Tran
 
 def transformer_config_kwargs(preset: Preset, backend: str = "local", dtype: torch.dtype = torch.float32,
                               sequence_parallel: bool = False, recompute: bool = False,
-                              fp8: str | None = None, fp8_recipe: str = "delayed") -> dict:
+                              fp8: str | None = None, fp8_recipe: str = "tensorwise") -> dict:
     if backend not in spec.BACKENDS:
         raise ValueError(f"backend must be one of {spec.BACKENDS}, got {backend!r}")
     if fp8 and backend != "te":
         raise ValueError("FP8 needs the Transformer Engine backend (backend: te)")
+    virtual = parallel_state.get_virtual_pipeline_model_parallel_world_size()
     return dict(
         num_layers=preset.num_layers, hidden_size=preset.hidden_size, num_attention_heads=preset.num_heads,
         num_query_groups=preset.num_query_groups, ffn_hidden_size=preset.ffn_hidden_size,
@@ -113,6 +121,12 @@ def transformer_config_kwargs(preset: Preset, backend: str = "local", dtype: tor
         tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
         context_parallel_size=parallel_state.get_context_parallel_world_size(),
         pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        virtual_pipeline_model_parallel_size=virtual,
+        pipeline_dtype=dtype,  # what the stages send each other
+        # Interleaved stages exchange activations and gradients with the same neighbour at once; batched
+        # isend/irecv then pairs them by order alone and, over gloo, mixes them up (seen: wrong losses from
+        # the third micro batch on). Separate sends, as megatron's training configures interleaving, do not.
+        overlap_p2p_comm=virtual is not None, batch_p2p_comm=virtual is None,
         sequence_parallel=sequence_parallel and parallel_state.get_tensor_model_parallel_world_size() > 1,
         use_cpu_initialization=not torch.cuda.is_available(), params_dtype=dtype,
         bf16=dtype == torch.bfloat16, init_method_std=0.02,
@@ -122,33 +136,87 @@ def transformer_config_kwargs(preset: Preset, backend: str = "local", dtype: tor
     )
 
 
+def pipeline_split(num_layers: int, pp: int, vpp: int | None = None) -> int:
+    """Layers per (virtual) pipeline stage: an even split, or ValueError naming the sizes."""
+    stages = pp * (vpp or 1)
+    if num_layers % stages:
+        what = f"PP x VPP = {pp} x {vpp} = {stages}" if vpp else f"PP = {pp}"
+        raise ValueError(f"{num_layers} layers cannot be split evenly over {what} pipeline stages")
+    return num_layers // stages
+
+
 def build_model(preset: Preset, rope: RopeConfig, backend: str = "local", **config_kwargs) -> GPTModel:
-    """A GPTModel on this rank's device, for the parallel state already initialized."""
+    """This rank's GPTModel (its pipeline stage) on its device, for the parallel state already initialized.
+
+    With pipeline parallelism each stage builds its share of the layers (split evenly; megatron
+    numbers them globally, so checkpoints load at any PP); the embedding lives on the first stage,
+    the final norm, output layer and megarope's chunked loss (loss.token_losses) on the last. With
+    virtual stages use build_model_chunks.
+    """
+    vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
+    if vpp is not None:
+        raise ValueError("the layout has virtual pipeline stages: build them with build_model_chunks")
+    return build_model_chunks(preset, rope, backend, **config_kwargs)[0]
+
+
+def build_model_chunks(preset: Preset, rope: RopeConfig, backend: str = "local", **config_kwargs) -> list[GPTModel]:
+    """This rank's model chunks: one per virtual pipeline stage (one without virtual stages)."""
+    pipeline_split(preset.num_layers, parallel_state.get_pipeline_model_parallel_world_size(),
+                   parallel_state.get_virtual_pipeline_model_parallel_world_size())
     config = transformer_config(preset, backend, **config_kwargs)
     for name, value in (rope.yarn.megatron_config() if rope.yarn else {}).items():
         setattr(config, name, value)  # read with getattr by megatron's attention (the YaRN temperature)
     logging.getLogger("megatron.core.models.gpt.gpt_model").setLevel(logging.ERROR)  # see module docstring
-    model = GPTModel(
-        config=config,
-        transformer_layer_spec=spec.block_spec(backend, rope, preset.num_layers),
-        vocab_size=preset.padded_vocab_size,
-        max_sequence_length=preset.max_seq_len,
-        position_embedding_type="rope",
-        rotary_base=rope.base,
-        rotary_percent=rope.rotary_percent,
-        share_embeddings_and_output_weights=preset.tie_embeddings,
-        parallel_output=True,
-    )
-    # megarope's rotary table: dynamic NTK by global length, CP slicing without CUDA assumptions.
-    model.rotary_pos_emb = rotary_embedding(rope, preset.head_dim, parallel_state.get_context_parallel_group())
-    if rope.yarn is not None:
-        # GPTModel's "yarn" forward path, with our table: built as "yarn", GPTModel would make its own
-        # table first and slice it for CP with pinned CUDA memory, which fails without a GPU.
-        model.position_embedding_type = "yarn"
-    model.megarope_preset, model.megarope_rope, model.megarope_backend = preset, rope, backend
-    if torch.cuda.is_available():
-        model.cuda(torch.cuda.current_device())
-    return model
+    layer = spec.layer_spec(backend, rope)
+    init_state = torch.get_rng_state()
+    chunks = []
+    for vp_stage in range(config.virtual_pipeline_model_parallel_size or 1):
+        vp_stage = vp_stage if config.virtual_pipeline_model_parallel_size else None
+        first = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+        last = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+        if config.use_cpu_initialization:
+            torch.set_rng_state(init_state)
+            _draw_earlier_stages(config, layer, preset, vp_stage, first)
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=spec.block_spec(backend, rope, get_num_layers_to_build(config, vp_stage)),
+            vocab_size=preset.padded_vocab_size,
+            max_sequence_length=preset.max_seq_len,
+            pre_process=first,
+            post_process=last,
+            position_embedding_type="rope",
+            rotary_base=rope.base,
+            rotary_percent=rope.rotary_percent,
+            share_embeddings_and_output_weights=preset.tie_embeddings,
+            parallel_output=True,
+            vp_stage=vp_stage,
+        )
+        # megarope's rotary table: dynamic NTK by global length, CP slicing without CUDA assumptions.
+        model.rotary_pos_emb = rotary_embedding(rope, preset.head_dim, parallel_state.get_context_parallel_group())
+        if rope.yarn is not None:
+            # GPTModel's "yarn" forward path, with our table: built as "yarn", GPTModel would make its own
+            # table first and slice it for CP with pinned CUDA memory, which fails without a GPU.
+            model.position_embedding_type = "yarn"
+        model.megarope_preset, model.megarope_rope, model.megarope_backend = preset, rope, backend
+        if torch.cuda.is_available():
+            model.cuda(torch.cuda.current_device())
+        chunks.append(model)
+    return chunks
+
+
+def _draw_earlier_stages(config: TransformerConfig, layer, preset: Preset, vp_stage: int | None, first: bool) -> None:
+    """Advance the CPU generator past the weights that the stages before this one draw.
+
+    With CPU initialization (no GPU) every layout starts from the same weights, as with PP = 1:
+    GPTModel draws the embedding, then each layer, then the output layer, from the CPU generator.
+    A later stage first builds and drops what comes before it (megatron's own modules, so the draws
+    are exactly theirs). CPU-only, so the extra work is at the scale of CPU models.
+    """
+    if not first:
+        LanguageModelEmbedding(config=config, vocab_size=preset.padded_vocab_size,
+                               max_sequence_length=preset.max_seq_len, position_embedding_type="rope")
+    for number in range(1, get_transformer_layer_offset(config, vp_stage) + 1):
+        build_module(layer, config=config, layer_number=number, vp_stage=vp_stage)
 
 
 def count_parameters(model: torch.nn.Module) -> int:

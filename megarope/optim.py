@@ -25,14 +25,14 @@ class TorchAdamW:
     over the model-parallel group. The step is skipped (nothing changes) when the norm is not finite.
     """
 
-    def __init__(self, model, train_cfg):
+    def __init__(self, model_chunks, train_cfg):
         from megatron.core import parallel_state, tensor_parallel
         from megatron.core.transformer.module import param_is_not_shared
 
-        self.model_params = [p for p in model.parameters() if p.requires_grad]
+        self.model_params = [p for chunk in model_chunks for p in chunk.parameters() if p.requires_grad]
         self.main_params = [p if p.dtype == torch.float32 else torch.nn.Parameter(p.detach().float())
                             for p in self.model_params]
-        names = {id(p): n for n, p in model.named_parameters()}
+        names = {id(p): n for chunk in model_chunks for n, p in chunk.named_parameters()}
         groups = {1.0: [], 0.0: []}  # megatron's default: no weight decay for biases and 1-D (norm) weights
         for p, main in zip(self.model_params, self.main_params):
             no_wd = p.dim() == 1 or names.get(id(p), "").endswith(".bias")
@@ -121,6 +121,11 @@ class TorchAdamW:
                                               "exp_avg_sq": torch.zeros_like(main)}
 
     def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False, metadata=None):
+        """The state as sharded tensors named by the model's keys, so it loads at any TP/CP/PP/DP layout.
+
+        ``metadata`` is megatron's optimizer-checkpoint metadata (CHECKPOINT_METADATA), taken for the
+        same call signature: this format is always the model-space one, whatever it names.
+        """
         from megatron.core.dist_checkpointing.optimizer import (get_param_id_to_sharded_param_map,
                                                                 optim_state_to_sharding_state)
 
@@ -138,24 +143,42 @@ class TorchAdamW:
         return state
 
 
+# What megatron's distributed optimizer is asked to save and load: the format megatron's own
+# training checkpoints use in 0.19.2 (megatron.training.checkpointing's sharded-state metadata).
+# "dp_reshardable" writes each rank's buffers as they are, with no gather, in parallel; it reshards over
+# data parallelism only (DP x CP for this optimizer, which shards over both), so a resume may change
+# DP and CP but not TP, PP or virtual stages (train refuses that in one line). Without this metadata
+# 0.19.2 picks "fully_sharded_model_space", whose flattened tensors its own checkpointing refuses.
+# The fully reshardable format would gather every bucket on all DP ranks at each save (tens of GB of
+# host memory per rank for a 70B model), for a layout change that a run seldom needs.
+CHECKPOINT_METADATA = {"distrib_optim_sharding_type": "dp_reshardable", "singleton_local_shards": False,
+                       "chained_optim_avoid_prefix": True}
+
+
 def optimizer_kind() -> str:
     return "megatron-distributed" if torch.cuda.is_available() else "torch-adamw"
 
 
-def make_optimizer(ddp_model, cfg: configuration.Config):
+def reshards_across_model_parallel(kind: str) -> bool:
+    """Whether a checkpoint of this optimizer kind loads at another TP/PP layout (see CHECKPOINT_METADATA)."""
+    return kind == "torch-adamw"
+
+
+def make_optimizer(model_chunks: list, cfg: configuration.Config, dtype: str):
     """megatron's distributed optimizer on GPUs; torch AdamW (TorchAdamW) on a CPU, where megatron's
-    optimizers assert CUDA tensors (fp32, bf16 and distributed alike). Returns (optimizer, kind)."""
+    optimizers assert CUDA tensors (fp32, bf16 and distributed alike). ``model_chunks``: the DDP-wrapped
+    model chunks of this rank; ``dtype``: the resolved train.dtype. Returns (optimizer, kind)."""
     t = cfg.train
     if optimizer_kind() == "torch-adamw":
-        return TorchAdamW(ddp_model, t), "torch-adamw"
+        return TorchAdamW(model_chunks, t), "torch-adamw"
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    bf16 = t.dtype == "bf16"
+    bf16 = dtype == "bf16"
     optimizer_config = OptimizerConfig(
         optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay, adam_beta1=t.adam_beta1,
         adam_beta2=t.adam_beta2, adam_eps=t.adam_eps, clip_grad=t.clip_grad, bf16=bf16,
         params_dtype=torch.bfloat16 if bf16 else torch.float32, use_distributed_optimizer=True)
-    return get_megatron_optimizer(optimizer_config, [ddp_model]), "megatron-distributed"
+    return get_megatron_optimizer(optimizer_config, list(model_chunks)), "megatron-distributed"
 
 
 def make_scheduler(optimizer, cfg: configuration.Config):

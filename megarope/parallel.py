@@ -10,9 +10,11 @@ the chunks r and 2*CP-1-r (so causal attention costs every rank the same).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -23,6 +25,16 @@ from megarope import compat
 from megarope.errors import UsageError
 
 
+# Waits around rank-0 file work (preparing data, writing and deleting checkpoints) and the agreement
+# on errors go over a gloo group of all ranks with this timeout. On GPUs the training collectives use
+# NCCL, whose watchdog ends the job when one stays open past the process group's timeout (10 minutes
+# by default); deleting an old 70B checkpoint on a network file system can take longer than that. A
+# long NCCL timeout would hide real hangs for as long, so the file waits get their own host-side group
+# instead, and NCCL keeps its default.
+FILE_WAIT_TIMEOUT = timedelta(hours=2)
+_file_group = None
+
+
 @dataclass(frozen=True)
 class Layout:
     tp: int
@@ -31,9 +43,11 @@ class Layout:
     dp: int
     world: int
     rank: int
+    vpp: int | None = None
 
     def describe(self) -> str:
-        return f"world {self.world} = TP {self.tp} x CP {self.cp} x PP {self.pp} x DP {self.dp}"
+        stages = f"PP {self.pp}" + (f" (x {self.vpp} virtual stages)" if self.vpp else "")
+        return f"world {self.world} = TP {self.tp} x CP {self.cp} x {stages} x DP {self.dp}"
 
 
 def _env_rank_world() -> tuple[int, int, int]:
@@ -62,8 +76,12 @@ def check_sizes(world: int, tp: int, cp: int, pp: int = 1) -> None:
         raise UsageError(f"world size {world} is not divisible by TP*CP*PP = {tp}*{cp}*{pp}")
 
 
-def init(tp: int = 1, cp: int = 1, pp: int = 1, seed: int = 1234) -> Layout:
-    """Start torch.distributed (if needed) and megatron's parallel state; seed every RNG."""
+def init(tp: int = 1, cp: int = 1, pp: int = 1, seed: int = 1234, vpp: int | None = None) -> Layout:
+    """Start torch.distributed (if needed) and megatron's parallel state; seed every RNG.
+
+    ``vpp``: virtual pipeline stages per pipeline rank (megatron's interleaved schedule), or None.
+    """
+    global _file_group
     compat.apply()
     if not dist.is_initialized():
         rank, world, local_rank = _env_rank_world()
@@ -80,9 +98,11 @@ def init(tp: int = 1, cp: int = 1, pp: int = 1, seed: int = 1234) -> Layout:
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                             context_parallel_size=cp)
+                                             virtual_pipeline_model_parallel_size=vpp, context_parallel_size=cp)
+    if _file_group is None:
+        _file_group = dist.new_group(backend="gloo", timeout=FILE_WAIT_TIMEOUT)
     seed_everything(seed)
-    return Layout(tp, cp, pp, world // (tp * cp * pp), world, dist.get_rank())
+    return Layout(tp, cp, pp, world // (tp * cp * pp), world, dist.get_rank(), vpp)
 
 
 def seed_everything(seed: int) -> None:
@@ -98,10 +118,44 @@ def seed_everything(seed: int) -> None:
 
 
 def destroy() -> None:
+    global _file_group
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+    _file_group = None
+
+
+def wait_for_all() -> None:
+    """A barrier of all ranks that may wait long: on the host-side group (see FILE_WAIT_TIMEOUT)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier(group=_file_group)
+
+
+@contextlib.contextmanager
+def fail_together():
+    """Every rank raises when any rank fails inside the block, so that none waits forever in a collective.
+
+        with parallel.fail_together():
+            check_what_this_rank_can_see()
+
+    The rank that failed raises its own error; the others raise UsageError when it was bad input,
+    RuntimeError otherwise. One all-reduce on the host-side group (it may follow long rank-0 work).
+    """
+    failed = None
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks have heard of it
+        failed = e
+    code = torch.tensor([0 if failed is None else 1 if isinstance(failed, UsageError) else 2], dtype=torch.int32)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(code, op=dist.ReduceOp.MAX, group=_file_group)
+    if failed is not None:
+        raise failed
+    if code.item() == 1:
+        raise UsageError("another rank stopped on bad input (see its message)")
+    if code.item() == 2:
+        raise RuntimeError("another rank failed (see its error)")
 
 
 def cp_group():

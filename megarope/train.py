@@ -3,16 +3,23 @@
     summary = train.run(config.load_config("examples/toy_cpu.yaml"))
 
 One process per device (or per CPU worker); rank and world come from torchrun or Slurm through
-parallel.init. Per step: global_batch sequences, split over the data-parallel ranks and into micro
-batches; each micro batch is CP-sliced (every CP rank keeps its two chunks of each sequence, with
-global positions) and run forward and backward through megatron's DistributedDataParallel, whose
-gradient sync waits for the last micro batch (no_sync before it); megatron's finalize_model_grads
-then reduces the gradients (DP x CP, and the sequence-parallel norm weights over TP), and the
-optimizer steps. The learning rate comes from megatron's OptimizerParamScheduler.
+parallel.init. A step is megatron's: get_forward_backward_func() picks the schedule for the layout
+(no pipelining, 1F1B for PP, the interleaved one with virtual stages) and runs global_batch
+sequences, split over the data-parallel ranks and into micro batches, through the DDP-wrapped model:
+its micro-batch loop, no_sync until the last micro batch, set_is_first_microbatch (the FP8 weight
+cache), the pipeline exchanges and finalize_model_grads (DP x CP reduction, sequence-parallel norm
+weights over TP). Each micro batch is CP-sliced (every CP rank keeps its two chunks of each
+sequence, with global positions). The optimizer steps, the learning rate comes from megatron's
+OptimizerParamScheduler.
 
-The optimizer: megatron's distributed optimizer on GPUs; on a CPU, where megatron's optimizers
-assert CUDA tensors, torch.optim.AdamW behind a small adapter with the same interface (make_optimizer
-is the one place that chooses). Both save their state through dist_checkpointing.
+The loss is the mean over the global batch's tokens. megatron's loss_func contract (0.19.2) with
+calculate_per_token_loss: each micro batch returns the sum of its token losses on this rank and its
+token count; DDP then sums gradients without pre-scaling and finalize_model_grads divides them by the
+tokens of the whole global batch (summed over micro batches and the DP x CP ranks). Under CP that is
+each rank's partial sum over the full sequence's count, the rule of loss.mean_loss.
+
+The optimizer (optim.make_optimizer): megatron's distributed optimizer on GPUs; torch AdamW behind a
+small adapter on a CPU. Both save their state through dist_checkpointing.
 
 Checkpoints go to checkpoint.dir (see checkpoint.save_training); a run whose checkpoint.dir holds one
 resumes from it exactly (model, optimizer, scheduler, data position, RNG states). SIGTERM and SIGUSR1
@@ -21,23 +28,27 @@ save at the end of the current step and end the run with status 0.
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import json
 import math
 import os
 import random
 import signal
 import sys
+import threading
 import time
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from megarope import checkpoint, compat, config as configuration, lineage, parallel
-from megarope.optim import make_optimizer, make_scheduler, optimizer_kind
 from megarope.errors import UsageError
 from megarope.files import atomic_files
+from megarope.memory import model_parameters
+from megarope.optim import (CHECKPOINT_METADATA, make_optimizer, make_scheduler, optimizer_kind,
+                            reshards_across_model_parallel)
 
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
 METRICS = "metrics.jsonl"
@@ -45,22 +56,157 @@ METRICS = "metrics.jsonl"
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0}
 
 
-# ----------------------------------------------------------------------------------------------- helpers
-def check_config(cfg: configuration.Config) -> None:
-    """What can be checked before starting any process group or reading any file."""
-    tp, cp = cfg.parallel.tp, cfg.parallel.cp
-    if cfg.train.seq_len % (2 * cp * tp):
-        raise UsageError(f"train.seq_len {cfg.train.seq_len} must be divisible by 2*CP*TP = {2 * cp * tp}")
-    if cfg.train.fp8 and cfg.model.backend != "te":
+# ----------------------------------------------------------------------------------------------- checks
+@dataclass(frozen=True)
+class Accelerator:
+    """The GPU a run trains on, as far as the checks need it."""
+
+    name: str
+    capability: tuple[int, int]
+    memory_gb: float
+
+
+def this_accelerator() -> Accelerator | None:
+    """This machine's GPU, or None on a CPU."""
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return Accelerator(props.name, (props.major, props.minor), props.total_memory / 1e9)
+
+
+def resolve_dtype(cfg: configuration.Config, gpu: Accelerator | None) -> str:
+    """train.dtype, with "auto" made bf16 on GPUs (TE's fused attention needs it) and fp32 on a CPU."""
+    if cfg.train.dtype != "auto":
+        return cfg.train.dtype
+    return "bf16" if gpu is not None else "fp32"
+
+
+def check_config(cfg: configuration.Config, gpu: Accelerator | None) -> None:
+    """What can be checked before starting any process group or reading any file, for ``gpu``
+    (None: a CPU)."""
+    p, t = cfg.parallel, cfg.train
+    if t.seq_len % (2 * p.cp * p.tp):
+        raise UsageError(f"train.seq_len {t.seq_len} must be divisible by 2*CP*TP = {2 * p.cp * p.tp}")
+    if t.fp8 and cfg.model.backend != "te":
         raise UsageError("train.fp8 needs model.backend: te (Transformer Engine)")
-    if (cfg.train.fp8 or cfg.model.backend == "te") and not torch.cuda.is_available():
+    if (t.fp8 or cfg.model.backend == "te") and gpu is None:
         raise UsageError("model.backend te and train.fp8 need a GPU with Transformer Engine; use model.backend: local")
-    if cfg.train.recompute and not torch.cuda.is_available():
-        raise UsageError("train.recompute needs a GPU (megatron's activation recompute saves CUDA RNG states)")
-    if cfg.train.exit_at_step is not None and cfg.train.exit_at_step > cfg.train.steps:
-        raise UsageError(f"train.exit_at_step {cfg.train.exit_at_step} is past train.steps {cfg.train.steps}")
+    if cfg.model.backend == "te" and resolve_dtype(cfg, gpu) == "fp32" and p.cp > 1:
+        raise UsageError("model.backend te with train.dtype fp32 has no context-parallel attention in Transformer "
+                         "Engine (its fused kernels need bf16); use train.dtype: bf16 with parallel.cp > 1")
+    if t.fp8 and t.fp8_recipe == "mxfp8" and gpu is not None and gpu.capability[0] < 10:
+        raise UsageError(f"train.fp8_recipe mxfp8 needs a Blackwell GPU (compute capability 10 or newer); "
+                         f"{gpu.name} has {gpu.capability[0]}.{gpu.capability[1]}: use tensorwise or delayed")
+    if t.exit_at_step is not None and t.exit_at_step > t.steps:
+        raise UsageError(f"train.exit_at_step {t.exit_at_step} is past train.steps {t.steps}")
 
 
+def check_layout(cfg: configuration.Config, preset, layout: parallel.Layout) -> None:
+    """The checks that need the model's shape and the data-parallel size, before building anything."""
+    from megarope.model import pipeline_split
+
+    p, t = cfg.parallel, cfg.train
+    try:
+        pipeline_split(preset.num_layers, p.pp, p.vpp)
+    except ValueError as e:
+        raise UsageError(f"parallel.pp: {e}") from None
+    if t.global_batch % (t.micro_batch * layout.dp):
+        raise UsageError(f"train.global_batch {t.global_batch} must be divisible by train.micro_batch "
+                         f"x data-parallel size = {t.micro_batch} x {layout.dp}")
+    num_micro = t.global_batch // (t.micro_batch * layout.dp)
+    if p.vpp and num_micro % p.pp:
+        raise UsageError(f"parallel.vpp: megatron's interleaved schedule needs the {num_micro} micro batches per "
+                         f"data-parallel rank to be a multiple of parallel.pp = {p.pp}")
+    if t.fp8:
+        check_fp8_shapes(preset, cfg)
+
+
+def check_fp8_shapes(preset, cfg: configuration.Config) -> None:
+    """Transformer Engine's FP8 GEMMs need the tokens of a rank divisible by 8 and every per-TP weight
+    dimension by 16 (transformer_engine.pytorch.utils.assert_dim_for_fp8_exec): refuse before building."""
+    p, t = cfg.parallel, cfg.train
+    tokens = t.micro_batch * t.seq_len // p.cp // (p.tp if p.sequence_parallel else 1)
+    if tokens % 8:
+        raise UsageError(f"train.fp8: {tokens} tokens per rank (micro_batch x seq_len / CP"
+                         f"{' / TP' if p.sequence_parallel else ''}) is not divisible by 8, as FP8 GEMMs need")
+    d = preset.head_dim
+    dims = {"hidden": preset.hidden_size,
+            "query/key/value outputs / TP": (preset.num_heads + 2 * preset.num_query_groups) * d // p.tp,
+            "attention heads x head dim / TP": preset.num_heads * d // p.tp,
+            "ffn / TP": preset.ffn_hidden_size // p.tp}
+    bad = [f"{name} = {size}" for name, size in dims.items() if size % 16]
+    if bad:
+        raise UsageError(f"train.fp8: FP8 GEMMs need weight dimensions divisible by 16; {', '.join(bad)} (TP {p.tp})")
+
+
+# ----------------------------------------------------------------------------------------------- state
+@dataclass
+class TrainState:
+    """Where a run is: what a checkpoint restores besides the weights, optimizer and RNG."""
+
+    step: int = 0
+    consumed_samples: int = 0
+    nan_skips: int = 0
+    loss: float | None = None  # of the last step that updated the weights
+
+
+@dataclass(frozen=True)
+class StepResult:
+    loss: float | None  # the global batch's mean token loss; None when not finite
+    grad_norm: float | None
+    lr: float
+    updated: bool  # False: the loss was not finite and the step was skipped
+    stop_requested: bool  # a stop signal reached any rank
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Decision:
+    save: bool
+    stop: str | None = None  # "signal" or "exit_at_step"
+    error: str | None = None  # too many non-finite steps: save, then fail with this
+
+
+def decide(cfg: configuration.Config, state: TrainState, result: StepResult) -> Decision:
+    """After a step: whether to checkpoint, and whether (and why) to stop."""
+    t = cfg.train
+    if not result.updated and state.nan_skips > t.max_nan_skips:
+        return Decision(True, error=f"the loss was not finite at {state.nan_skips} steps (train.max_nan_skips = "
+                                    f"{t.max_nan_skips}), the last at step {state.step}")
+    if result.stop_requested:
+        return Decision(True, stop="signal")
+    if state.step == t.exit_at_step:
+        return Decision(True, stop="exit_at_step")
+    every = cfg.checkpoint.every
+    return Decision(state.step == t.steps or bool(every and state.step % every == 0))
+
+
+# ----------------------------------------------------------------------------------------------- data
+def micro_batches(dataset, first_sample: int, micro_batch: int, dp: int, dp_rank: int, count: int, cp: int = 1):
+    """This rank's ``count`` micro batches of the global batch that starts at ``first_sample``, on its
+    device (megatron's order: micro batch m of DP rank r holds samples first + (m*DP + r)*mbs ...),
+    each CP-sliced when cp > 1."""
+    device = parallel.device()
+    for m in range(count):
+        start = first_sample + (m * dp + dp_rank) * micro_batch
+        samples = [dataset[i] for i in range(start, start + micro_batch)]
+        batch = {key: torch.stack([torch.as_tensor(s[key]) for s in samples])
+                 for key in ("tokens", "labels", "loss_mask", "position_ids")}
+        if cp > 1:
+            batch = parallel.slice_for_cp(batch)
+        yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def token_loss_sum(loss_mask: torch.Tensor, losses: torch.Tensor):
+    """megatron's loss_func (0.19.2, calculate_per_token_loss): (sum of this rank's token losses, their
+    count, what to report). The schedule adds up the counts; finalize_model_grads divides by them."""
+    mask = loss_mask.float()
+    loss_sum = (losses.float() * mask).sum()
+    tokens = mask.sum().to(torch.int)
+    return loss_sum, tokens, {"loss_sum": loss_sum.detach(), "tokens": tokens.detach()}
+
+
+# ----------------------------------------------------------------------------------------------- RNG
 def _rng_state() -> dict:
     from megatron.core import tensor_parallel
 
@@ -82,10 +228,7 @@ def _set_rng_state(state: dict) -> None:
         tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _finite(x: float | None) -> float | None:
-    return x if x is not None and math.isfinite(x) else None
-
-
+# ----------------------------------------------------------------------------------------------- signals
 class _StopSignals:
     """Remember SIGTERM/SIGUSR1 instead of dying: the run saves at the end of the step and ends."""
 
@@ -94,7 +237,7 @@ class _StopSignals:
         self._previous = {}
 
     def __enter__(self):
-        if threading_main():
+        if threading.current_thread() is threading.main_thread():
             for name in STOP_SIGNALS:
                 sig = getattr(signal, name, None)
                 if sig is not None:
@@ -109,29 +252,432 @@ class _StopSignals:
             signal.signal(sig, handler)
 
 
-def threading_main() -> bool:
-    import threading
+# ----------------------------------------------------------------------------------------------- metrics
+def _finite(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
 
-    return threading.current_thread() is threading.main_thread()
+
+def _truncate_metrics(path: str, step: int) -> None:
+    """Drop the lines of steps after ``step`` (written after the checkpoint we resume from)."""
+    if not os.path.isfile(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by a crash
+    with atomic_files([path]) as (tmp,), open(tmp, "w") as f:
+        f.writelines(kept)
 
 
+def flops_per_token(preset, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x (weights touched per token) + causal attention scores."""
+    h, layers = preset.hidden_size, preset.num_layers
+    kv = preset.num_query_groups * preset.head_dim
+    per_layer = h * (h + 2 * kv) + h * h + 3 * h * preset.ffn_hidden_size
+    weights = layers * per_layer + h * preset.padded_vocab_size  # output layer; input embedding is a lookup
+    return 6.0 * weights + 6.0 * layers * seq_len * h
+
+
+def _peak_flops(cfg: configuration.Config, dtype: str) -> float | None:
+    if cfg.log.peak_tflops:
+        return cfg.log.peak_tflops * 1e12
+    if not torch.cuda.is_available() or dtype != "bf16":
+        return None
+    name = torch.cuda.get_device_name()
+    return next((peak * 1e12 for key, peak in PEAK_TFLOPS.items() if key in name), None)
+
+
+class MetricsWriter:
+    """Each step's metrics: metrics.jsonl, TensorBoard, a progress bar (or a line every log.every steps
+    without a terminal), MFU where the accelerator's peak is known. Rank 0 writes; the others do nothing."""
+
+    def __init__(self, cfg: configuration.Config, root: str, first_step: int, flops_per_step: float,
+                 peak_flops: float | None, world: int, progress: bool | None):
+        self.cfg, self.flops_per_step, self.peak, self.world = cfg, flops_per_step, peak_flops, world
+        self.path = os.path.join(root, METRICS)
+        self.main = parallel.is_main()
+        self.show_bar = self.main and (progress if progress is not None else sys.stderr.isatty())
+        self.first_step = first_step
+        self.file = self.tensorboard = self.bar = None
+
+    def __enter__(self):
+        from tqdm import tqdm
+
+        if self.main:
+            _truncate_metrics(self.path, self.first_step)
+            self.file = open(self.path, "a")
+            if self.cfg.log.tensorboard:
+                from torch.utils.tensorboard import SummaryWriter  # lazy: TensorBoard takes seconds to import
+
+                self.tensorboard = SummaryWriter(os.path.join(os.path.dirname(self.path), "tensorboard"),
+                                                 purge_step=self.first_step + 1)
+        self.bar = tqdm(total=self.cfg.train.steps, initial=self.first_step, desc="train", unit="step",
+                        disable=not self.show_bar, dynamic_ncols=True)
+        return self
+
+    def write(self, state: TrainState, result: StepResult) -> None:
+        if not self.main:
+            return
+        t = self.cfg.train
+        record = {"step": state.step, "loss": _finite(result.loss), "lr": result.lr,
+                  "grad_norm": _finite(result.grad_norm), "skipped": not result.updated,
+                  "consumed_samples": state.consumed_samples, "tokens": state.consumed_samples * t.seq_len,
+                  "tokens_per_s": t.global_batch * t.seq_len / result.seconds, "step_time_s": result.seconds}
+        if self.peak:
+            record["mfu"] = self.flops_per_step / result.seconds / self.world / self.peak
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tensorboard is not None:
+            for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu"):
+                if record.get(key) is not None:
+                    self.tensorboard.add_scalar(f"train/{key}", record[key], state.step)
+        loss_text = "nan" if result.loss is None else f"{result.loss:.4f}"
+        postfix = {"loss": loss_text, "lr": f"{result.lr:.2e}", "tok/s": f"{record['tokens_per_s']:,.0f}"}
+        if "mfu" in record:
+            postfix["MFU"] = f"{record['mfu']:.1%}"
+        self.bar.set_postfix(postfix, refresh=False)
+        self.bar.update(1)
+        if not self.show_bar and (state.step % self.cfg.log.every == 0 or state.step == t.steps):
+            print(f"step {state.step}/{t.steps}  " + "  ".join(f"{k} {v}" for k, v in postfix.items())
+                  + ("  (skipped: loss not finite)" if not result.updated else ""), flush=True)
+
+    def __exit__(self, *exc):
+        self.bar.close()
+        for handle in (self.file, self.tensorboard):
+            if handle is not None:
+                handle.close()
+
+
+def _say(message: str) -> None:
+    if parallel.is_main():
+        print(message, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------- the run
+def run(cfg: configuration.Config | dict, progress: bool | None = None) -> dict:
+    """Train as the config says; returns {"step", "loss", "checkpoint", "stopped", "consumed_samples",
+    "nan_skips", "metrics"} (all ranks).
+
+    Starts torch.distributed and megatron's parallel state through parallel.init (torchrun/Slurm
+    environment, or a world of one) and leaves them up for the caller (`megarope train` ends them).
+    ``progress``: show a tqdm bar on rank 0 (default: when stderr is a terminal).
+    Bad input raises UsageError before anything is written.
+    """
+    cfg = cfg if isinstance(cfg, configuration.Config) else configuration.validate(cfg)
+    compat.quiet()
+    gpu = this_accelerator()
+    check_config(cfg, gpu)
+    p = cfg.parallel
+    layout = parallel.init(p.tp, p.cp, p.pp, cfg.train.seed, p.vpp)
+    return Trainer(cfg, layout, resolve_dtype(cfg, gpu), progress).train()
+
+
+class Trainer:
+    """One run: the model chunks of this rank in megatron's DDP, the optimizer, the data, the state."""
+
+    def __init__(self, cfg: configuration.Config, layout: parallel.Layout, dtype: str, progress: bool | None):
+        from megatron.core import parallel_state
+
+        self.cfg, self.layout, self.dtype, self.progress = cfg, layout, dtype, progress
+        self.root = cfg.checkpoint.dir
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        with parallel.fail_together():
+            self.resume_dir = checkpoint.latest_checkpoint(self.root)
+            self.preset, self.preset_name, self.tokenizer = _resolve_model_and_tokenizer(cfg, self.resume_dir)
+            check_layout(cfg, self.preset, layout)
+            if self.resume_dir:
+                check_resume(cfg, self.resume_dir, self._precision(), layout)
+            # the pretraining this run descends from (the resumed run's, else init.from's), carried forward
+            parent = self.resume_dir or cfg.init.from_
+            self.lineage = lineage.training_lineage(checkpoint.read_meta(parent) if parent else None,
+                                                    cfg.rope.base, cfg.train.seq_len)
+            self.sources = _data_prefixes(cfg, self.tokenizer)
+        self.num_micro = cfg.train.global_batch // (cfg.train.micro_batch * layout.dp)
+
+    def _precision(self) -> dict:
+        """What a resume must not change: the backend and the numerics."""
+        t = self.cfg.train
+        return {"backend": self.cfg.model.backend, "dtype": self.dtype, "fp8": t.fp8,
+                "fp8_recipe": t.fp8_recipe if t.fp8 else None}
+
+    # -- building
+    def build(self) -> None:
+        from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
+                                               finalize_model_grads)
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        from megarope import data
+        from megarope.model import build_model_chunks
+        from megarope.rope import RopeConfig
+
+        cfg, t = self.cfg, self.cfg.train
+        self.rope = RopeConfig(**cfg.rope_config())
+        try:
+            self.chunks = build_model_chunks(
+                self.preset, self.rope, cfg.model.backend,
+                dtype=torch.bfloat16 if self.dtype == "bf16" else torch.float32,
+                sequence_parallel=cfg.parallel.sequence_parallel, recompute=t.recompute, fp8=t.fp8,
+                fp8_recipe=t.fp8_recipe)
+        except (ImportError, ValueError) as e:
+            raise UsageError(f"cannot build the model: {e}") from None
+        config = self.chunks[0].config  # one TransformerConfig, shared by the chunks
+        config.calculate_per_token_loss = True  # see the module docstring; DDP reads it when built
+        gpu = torch.cuda.is_available()
+        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=gpu,
+                                                   use_distributed_optimizer=gpu)
+        self.ddps = []
+        for i, chunk in enumerate(self.chunks):
+            # as megatron's training does: one bucket for all but the first chunk (their sync is not overlapped)
+            ddp = DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk, disable_bucketing=i > 0)
+            for attr in ("megarope_preset", "megarope_rope", "megarope_backend"):
+                setattr(ddp, attr, getattr(chunk, attr))  # loss.token_losses reads them from what it is given
+            self.ddps.append(ddp)
+        self.optimizer, self.optimizer_kind = make_optimizer(self.ddps, cfg, self.dtype)
+        self.scheduler = make_scheduler(self.optimizer, cfg)
+        # what megatron's schedule calls around the micro batches
+        config.no_sync_func = [d.no_sync for d in self.ddps] if len(self.ddps) > 1 else self.ddps[0].no_sync
+        config.finalize_model_grads_func = finalize_model_grads
+        config.grad_scale_func = getattr(self.optimizer, "scale_loss", None)  # megatron's loss scale (1 in bf16)
+        self.forward_backward = get_forward_backward_func()
+        self.dataset = data.build_gpt_dataset(self.sources, t.seq_len, t.steps * t.global_batch, t.seed,
+                                              self.tokenizer, cache_dir=cfg.data.cache_dir)
+
+    # -- one step
+    def _forward_step(self, data_iterator, model):
+        """megatron's forward_step_func: one micro batch through this chunk; the last stage returns the
+        per-token losses (loss.token_losses, through GPTModel's output_processor) and the loss_func."""
+        from megatron.core.utils import get_attr_wrapped_model
+
+        from megarope.loss import token_losses
+
+        batch = next(data_iterator)
+        output = token_losses(model, batch["tokens"], batch["labels"], batch["position_ids"], with_accuracy=False)
+        if get_attr_wrapped_model(model, "post_process") and isinstance(output, tuple):
+            output = output[0]  # (losses, accuracy or None): the loss is what the schedule back-propagates
+        return output, functools.partial(token_loss_sum, batch["loss_mask"])
+
+    def train_step(self, state: TrainState, stop_signal: bool) -> StepResult:
+        """One optimizer step over the global batch that starts at state.consumed_samples."""
+        t, started = self.cfg.train, time.perf_counter()
+        for ddp in self.ddps:
+            ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        data_iterators = [micro_batches(self.dataset, state.consumed_samples, t.micro_batch, self.layout.dp,
+                                        self.dp_rank, self.num_micro, self.layout.cp) for _ in self.ddps]
+        reports = self.forward_backward(forward_step_func=self._forward_step, data_iterator=data_iterators,
+                                        model=self.ddps, num_microbatches=self.num_micro, seq_length=t.seq_len,
+                                        micro_batch_size=t.micro_batch)
+        # One world all-reduce: the loss sum and token count (the last stage holds them; TP ranks hold
+        # equal copies, which the ratio cancels) and any stop signal.
+        device = parallel.device()
+        totals = torch.zeros(3, dtype=torch.float64, device=device)
+        for report in reports:
+            totals[0] += report["loss_sum"].double()
+            totals[1] += report["tokens"].double()
+        totals[2] = float(stop_signal)
+        if dist.is_initialized() and self.layout.world > 1:
+            dist.all_reduce(totals)
+        loss_sum, tokens, stops = totals.tolist()
+        loss = loss_sum / max(tokens, 1.0)
+        self.scheduler.step(1)
+        lr = self.optimizer.param_groups[0]["lr"]
+        lr = lr.item() if isinstance(lr, torch.Tensor) else float(lr)
+        updated, grad_norm = False, None
+        if math.isfinite(loss):
+            updated, grad_norm, _ = self.optimizer.step()
+            grad_norm = float(grad_norm) if grad_norm is not None else None
+        return StepResult(_finite(loss), grad_norm, lr, bool(updated), stops > 0, time.perf_counter() - started)
+
+    # -- checkpoints
+    def checkpoint_meta(self, state: TrainState) -> dict:
+        """megarope.json of a training checkpoint: the model, its RoPE and tokenizer, how it was trained."""
+        t = self.cfg.train
+        return checkpoint.model_meta(self.chunks[0], tokenizer=self.tokenizer.spec, step=state.step,
+                                     trained={"seq_len": t.seq_len, "tokens": state.consumed_samples * t.seq_len,
+                                              **self._precision()},
+                                     lineage=self.lineage.to_dict())
+
+    def save(self, state: TrainState) -> str:
+        cfg, layout = self.cfg, self.layout
+        train_state = {"consumed_samples": state.consumed_samples, "tokens": state.consumed_samples * cfg.train.seq_len,
+                       "nan_skips": state.nan_skips, "loss": state.loss, "scheduler": self.scheduler.state_dict(),
+                       "optimizer": self.optimizer_kind, "precision": self._precision(),
+                       "layout": {"tp": layout.tp, "cp": layout.cp, "pp": layout.pp, "vpp": layout.vpp,
+                                  "dp": layout.dp, "world": layout.world},
+                       "config": cfg.to_dict()}
+        return checkpoint.save_training(self.root, state.step, self.chunks, self.optimizer, train_state, _rng_state(),
+                                        self.checkpoint_meta(state), cfg.checkpoint.keep, self.tokenizer.path,
+                                        optimizer_metadata=CHECKPOINT_METADATA)
+
+    def restore(self) -> tuple[TrainState, str]:
+        """The state to start from, and a line saying where training starts."""
+        cfg = self.cfg
+        if self.resume_dir:
+            saved, rank_state = checkpoint.load_training(self.resume_dir, self.chunks, self.optimizer)
+            self.scheduler.load_state_dict(saved["scheduler"])
+            if rank_state is not None:
+                _set_rng_state(rank_state)
+            where = f"resuming from {self.resume_dir} (step {saved['step']})"
+            if cfg.init.from_:
+                where += "; init.from is not used when resuming"
+            state = TrainState(saved["step"], saved["consumed_samples"], saved.get("nan_skips", 0), saved.get("loss"))
+            return state, where
+        if cfg.init.from_:
+            for chunk in self.chunks:
+                checkpoint.load_model(chunk, cfg.init.from_)
+            self.optimizer.reload_model_params()  # the optimizer's fp32 masters were copied from random weights
+            return TrainState(), f"starting from the weights of {cfg.init.from_}"
+        return TrainState(), "starting from random weights"
+
+    # -- what the run prints
+    def rope_plan(self) -> list[str]:
+        """The scaling law's plan for this run's base, from the pretraining it descends from (its lineage)."""
+        from megarope import planner
+
+        lin = self.lineage
+        try:
+            plan = planner.make_plan(self.preset.head_dim, lin.pretrain_len, lin.effective_tune_len, [self.rope.base],
+                                     [], lin.pretrain_base, self.rope.rotary_percent)
+        except ValueError as e:
+            return [f"RoPE plan: not available ({e})"]
+        return ["RoPE plan from the lineage:", *(f"  {line}" for line in lin.describe().splitlines()),
+                *(f"  {line}" if line else "" for line in planner.format_plan(plan).splitlines())]
+
+    def banner(self, start: str) -> None:
+        cfg, t, p = self.cfg, self.cfg.train, self.preset
+        lines = [
+            f"megarope train: {self.layout.describe()}"
+            + (" with sequence parallelism" if cfg.parallel.sequence_parallel and self.layout.tp > 1 else ""),
+            f"model: {self.preset_name} ({p.num_layers} layers, hidden {p.hidden_size}, {p.num_heads} heads x "
+            f"{p.head_dim}, {model_parameters(p) / 1e6:,.1f}M parameters), backend {cfg.model.backend}, {self.dtype}"
+            + (f", FP8 {t.fp8} ({t.fp8_recipe})" if t.fp8 else "") + (", recompute" if t.recompute else ""),
+            f"data: {', '.join(f'{w:g} x {prefix}' if len(self.sources) > 1 else prefix for prefix, w in self.sources)}"
+            f" ({len(self.dataset):,} samples of {t.seq_len} tokens), tokenizer {self.tokenizer.spec} "
+            f"(vocab {self.tokenizer.vocab_size:,})",
+            f"schedule: {t.steps} steps x {t.global_batch} sequences ({self.num_micro} micro batches of "
+            f"{t.micro_batch} per data-parallel rank, megatron's {self.forward_backward.__name__}), AdamW lr {t.lr:g}, "
+            f"warmup {t.warmup_steps}, {t.lr_decay_style} to {t.min_lr:g}, clip {t.clip_grad:g}, "
+            f"optimizer {self.optimizer_kind}",
+            f"RoPE: base {self.rope.base:g}, train_len {self.rope.train_len}"
+            + (", dynamic NTK" if self.rope.dynamic_ntk else "")
+            + (f", log-scaled from {self.rope.log_scale_ref}" if self.rope.log_scale_ref else ""),
+            *self.rope_plan(),
+        ]
+        every = f"every {cfg.checkpoint.every} steps and " if cfg.checkpoint.every else ""
+        lines.append(f"checkpoints: {self.root}, {every}at the end, keep {cfg.checkpoint.keep}; {start}")
+        _say("\n".join(lines))
+
+    def finish(self, state: TrainState, stopped: str | None, saved_at: str | None) -> dict:
+        saved_at = saved_at or checkpoint.latest_checkpoint(self.root)
+        if stopped == "signal":
+            _say(f"stopped by a signal after step {state.step}; saved {saved_at}. Run the same command to resume.")
+        elif stopped == "exit_at_step":
+            _say(f"stopped at train.exit_at_step {state.step}; saved {saved_at}")
+        else:
+            _say(f"done: step {state.step}, loss {'n/a' if state.loss is None else f'{state.loss:.4f}'}, "
+                 f"checkpoint {saved_at}")
+        return {"step": state.step, "loss": state.loss, "checkpoint": saved_at, "stopped": stopped,
+                "consumed_samples": state.consumed_samples, "nan_skips": state.nan_skips,
+                "metrics": os.path.join(self.root, METRICS)}
+
+    # -- the loop
+    def train(self) -> dict:
+        t = self.cfg.train
+        with parallel.fail_together():
+            self.build()
+        # From here on, files are written.
+        if parallel.is_main():
+            os.makedirs(self.root, exist_ok=True)
+        checkpoint.remove_partial_saves(self.root)
+        state, where = self.restore()
+        self.banner(where)
+        flops = flops_per_token(self.preset, t.seq_len) * t.global_batch * t.seq_len
+        metrics = MetricsWriter(self.cfg, self.root, state.step, flops, _peak_flops(self.cfg, self.dtype),
+                                self.layout.world, self.progress)
+        saved_at, stopped = None, None
+        with metrics, _StopSignals() as signals:
+            while state.step < t.steps:
+                result = self.train_step(state, signals.received is not None)
+                state.step, state.consumed_samples = state.step + 1, state.consumed_samples + t.global_batch
+                state.nan_skips += not result.updated
+                state.loss = result.loss if result.updated else state.loss
+                metrics.write(state, result)
+                decision = decide(self.cfg, state, result)
+                if decision.save:
+                    saved_at = self.save(state)
+                if decision.error:
+                    raise UsageError(f"{decision.error}; saved {saved_at} and stopped (try a lower train.lr)")
+                if decision.stop:
+                    stopped = decision.stop
+                    break
+        return self.finish(state, stopped, saved_at)
+
+
+# ----------------------------------------------------------------------------------------------- dry run
+def dry_run(cfg: configuration.Config, world: int | None = None) -> tuple[str, str | None]:
+    """`megarope train CONFIG --dry-run`: the layout, parameters per rank and estimated memory per GPU of
+    this config's GPU run, from shapes alone (nothing is built, no data or checkpoint is read when
+    model.preset is given). ``world``: the job's GPUs (default: WORLD_SIZE from the launcher, else the
+    smallest world, TP x CP x PP). Returns the report and, for a layout that does not fit
+    parallel.gpu_memory_gb, the one line refusing it (else None). Bad input raises UsageError.
+    """
+    from megarope import memory
+
+    p, t = cfg.parallel, cfg.train
+    gpu = Accelerator("an H100-class GPU (dry run)", (9, 0), p.gpu_memory_gb)
+    check_config(cfg, gpu)
+    world = world or int(os.environ.get("WORLD_SIZE", 0)) or p.tp * p.cp * p.pp
+    parallel.check_sizes(world, p.tp, p.cp, p.pp)
+    layout = parallel.Layout(p.tp, p.cp, p.pp, world // (p.tp * p.cp * p.pp), world, 0, p.vpp)
+    preset, name = resolve_preset(cfg, read_init=cfg.model.preset is None)
+    check_layout(cfg, preset, layout)
+    dtype = resolve_dtype(cfg, gpu)
+    num_micro = t.global_batch // (t.micro_batch * layout.dp)
+    estimate = memory.estimate_training_memory(preset, tp=p.tp, cp=p.cp, pp=p.pp, dp=layout.dp, seq_len=t.seq_len,
+                                               micro_batch=t.micro_batch, num_micro=num_micro, dtype=dtype)
+    stages = memory.stage_parameters(preset, p.tp, p.pp)
+    gb = memory.GB
+    rows = [("weights", f"{dtype}", estimate.weights),
+            ("gradients", "fp32 DDP buffer", estimate.gradients),
+            ("optimizer shard", f"{'fp32 masters + ' if dtype != 'fp32' else ''}Adam moments / (DP x CP = "
+                                f"{layout.dp * p.cp})", estimate.optimizer),
+            ("activations", f"recompute off, {estimate.in_flight} micro batch(es) in flight", estimate.activations),
+            ("activations", "recompute on", estimate.activations_recompute),
+            ("workspace", "CUDA context, NCCL, allocator (an allowance)", estimate.workspace)]
+    lines = [f"dry run: {layout.describe()}, {num_micro} micro batches of {t.micro_batch} x {t.seq_len} tokens "
+             f"per data-parallel rank",
+             f"model: {name} ({preset.num_layers} layers, {preset.num_layers // p.pp} per pipeline stage), "
+             f"{memory.model_parameters(preset) / 1e9:.2f}B parameters; per rank: "
+             + ", ".join(f"stage {i} {n / 1e9:.2f}B" for i, n in enumerate(stages)),
+             f"estimated memory per GPU of the fullest rank (GB = 1e9 bytes; "
+             f"parallel.gpu_memory_gb = {p.gpu_memory_gb:g}):",
+             *(f"  {what:<16} {value / gb:7.1f}  {detail}" for what, detail, value in rows)]
+    for recompute in (False, True):
+        total = estimate.total(recompute)
+        chosen = " <- this config" if recompute == t.recompute else ""
+        verdict = "fits" if total <= p.gpu_memory_gb * gb else "does NOT fit"
+        lines.append(f"  total, recompute {'on ' if recompute else 'off'} {total / gb:7.1f}  {verdict}{chosen}")
+    needed = estimate.total(t.recompute)
+    refusal = None
+    if needed > p.gpu_memory_gb * gb:
+        refusal = (f"the layout needs an estimated {needed / gb:.1f} GB per GPU with train.recompute "
+                   f"{str(t.recompute).lower()}, more than parallel.gpu_memory_gb = {p.gpu_memory_gb:g}")
+    return "\n".join(lines), refusal
+
+
+# ----------------------------------------------------------------------------------------------- resolving
 def _resolve_model_and_tokenizer(cfg: configuration.Config, resume_dir: str | None):
     """(preset, preset name, tokenizer) from the config, init.from's checkpoint and a resumed one."""
     from megarope import data
-    from megarope.model import PRESETS, Preset, get_preset
 
-    init_meta = checkpoint.read_meta(cfg.init.from_) if cfg.init.from_ else None
-    if cfg.model.preset is not None:
-        preset, name = get_preset(cfg.model.preset), cfg.model.preset
-        if init_meta and Preset(**init_meta["preset"]) != preset:
-            raise UsageError(f"init.from {cfg.init.from_} holds another model than preset {name!r}: "
-                             f"{init_meta['preset']}")
-    elif init_meta:
-        preset = Preset(**init_meta["preset"])
-        name = next((n for n, p in PRESETS.items() if p == preset), "from init.from")
-    else:
-        raise UsageError("model.preset is required when init.from is not given")
+    preset, name = resolve_preset(cfg)
     if resume_dir:
+        from megarope.model import Preset
+
         resumed = Preset(**checkpoint.read_meta(resume_dir)["preset"])
         if resumed != preset:
             raise UsageError(f"{resume_dir} holds another model than this config's ({name}); "
@@ -151,21 +697,36 @@ def _resolve_model_and_tokenizer(cfg: configuration.Config, resume_dir: str | No
     return preset, name, tokenizer
 
 
+def resolve_preset(cfg: configuration.Config, read_init: bool = True):
+    """(preset, its name): model.preset, checked against init.from's checkpoint, or that checkpoint's shape.
+    ``read_init=False`` trusts model.preset without reading init.from (a dry run away from the data)."""
+    from megarope.model import PRESETS, Preset, get_preset
+
+    init_meta = checkpoint.read_meta(cfg.init.from_) if cfg.init.from_ and read_init else None
+    if cfg.model.preset is not None:
+        preset, name = get_preset(cfg.model.preset), cfg.model.preset
+        if init_meta and Preset(**init_meta["preset"]) != preset:
+            raise UsageError(f"init.from {cfg.init.from_} holds another model than preset {name!r}: "
+                             f"{init_meta['preset']}")
+        return preset, name
+    if init_meta:
+        preset = Preset(**init_meta["preset"])
+        return preset, next((n for n, p in PRESETS.items() if p == preset), "from init.from")
+    raise UsageError("model.preset is required when init.from is not given")
+
+
 def _data_prefixes(cfg: configuration.Config, tokenizer) -> list[tuple[str, float]]:
-    """The (prefix, weight) pairs to read; "auto:toy" is prepared here (rank 0, once)."""
+    """The (prefix, weight) pairs to read; "auto:toy" is prepared here (rank 0, once; the others wait
+    on the host-side group, which a long preparation cannot time out)."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     from megarope import data
 
     sources = cfg.data.sources()
     if cfg.data.path == configuration.AUTO_TOY:
-        error = None
-        if parallel.is_main():
-            try:
+        with parallel.fail_together():  # also the barrier: the others read what rank 0 wrote
+            if parallel.is_main():
                 data.prepare_toy_data(cfg.data.prepare_dir, tokenizer)
-            except UsageError as e:
-                error = e
-        _agree(error)  # also the barrier: the others read what rank 0 wrote
         sources = [(data.prepare_toy_data(cfg.data.prepare_dir, tokenizer), 1.0)]
     missing = [p for p, _ in sources if not IndexedDataset.exists(p)]
     if missing:
@@ -174,11 +735,15 @@ def _data_prefixes(cfg: configuration.Config, tokenizer) -> list[tuple[str, floa
     return sources
 
 
-def _check_resume(cfg: configuration.Config, resume_dir: str) -> None:
-    """A run continues only what it started: same optimizer kind, batch, length and RoPE (the layout may
-    change: checkpoints reshard). To start something new from a checkpoint's weights, use init.from."""
-    from dataclasses import asdict
+def _layout_text(layout: dict) -> str:
+    return "TP {tp} x CP {cp} x PP {pp}".format(**layout) + (f" (VPP {layout['vpp']})" if layout.get("vpp") else "")
 
+
+def check_resume(cfg: configuration.Config, resume_dir: str, precision: dict, layout: parallel.Layout) -> None:
+    """A run continues only what it started: same optimizer kind, batch, length, RoPE, backend and
+    numerics; the layout may change where the optimizer's checkpoint format reshards (DP and CP always,
+    TP and PP with the CPU optimizer; see optim.CHECKPOINT_METADATA). To start something new from a
+    checkpoint's weights, use init.from."""
     from megarope.rope import RopeConfig
 
     saved = checkpoint.read_train_state(resume_dir)
@@ -197,338 +762,16 @@ def _check_resume(cfg: configuration.Config, resume_dir: str) -> None:
     if old_rope is not None and old_rope != new_rope:
         changed = ", ".join(f"rope.{k}: {old_rope.get(k)} -> {v}" for k, v in new_rope.items() if old_rope.get(k) != v)
         raise UsageError(f"{resume_dir} was trained with another RoPE ({changed}); {hint}")
-
-
-def _agree(error: UsageError | None) -> None:
-    """Every rank raises when any rank failed its checks, so none waits forever in a collective."""
-    failed = torch.tensor([0 if error is None else 1], dtype=torch.int32, device=parallel.device())
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(failed)
-    if error is not None:
-        raise error
-    if failed.item():
-        raise UsageError("another rank stopped on bad input (see its message)")
-
-
-def _truncate_metrics(path: str, step: int) -> None:
-    """Drop the lines of steps after ``step`` (written after the checkpoint we resume from)."""
-    if not os.path.isfile(path):
-        return
-    kept = []
-    with open(path) as f:
-        for line in f:
-            try:
-                if json.loads(line)["step"] <= step:
-                    kept.append(line if line.endswith("\n") else line + "\n")
-            except (ValueError, KeyError, TypeError):
-                continue  # a line cut short by a crash
-    with atomic_files([path]) as (tmp,), open(tmp, "w") as f:
-        f.writelines(kept)
-
-
-def _flops_per_token(preset, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x (weights touched per token) + causal attention scores."""
-    h, layers = preset.hidden_size, preset.num_layers
-    kv = preset.num_query_groups * preset.head_dim
-    per_layer = h * (h + 2 * kv) + h * h + 3 * h * preset.ffn_hidden_size
-    weights = layers * per_layer + h * preset.padded_vocab_size  # output layer; input embedding is a lookup
-    return 6.0 * weights + 6.0 * layers * seq_len * h
-
-
-def _peak_flops(cfg: configuration.Config) -> float | None:
-    if cfg.log.peak_tflops:
-        return cfg.log.peak_tflops * 1e12
-    if not torch.cuda.is_available() or cfg.train.dtype != "bf16":
-        return None
-    name = torch.cuda.get_device_name()
-    return next((peak * 1e12 for key, peak in PEAK_TFLOPS.items() if key in name), None)
-
-
-def _say(message: str) -> None:
-    if parallel.is_main():
-        print(message, flush=True)
-
-
-# ----------------------------------------------------------------------------------------------- the run
-def run(cfg: configuration.Config | dict, progress: bool | None = None) -> dict:
-    """Train as the config says; returns {"step", "loss", "checkpoint", "stopped", ...} (all ranks).
-
-    Starts torch.distributed and megatron's parallel state through parallel.init (torchrun/Slurm
-    environment, or a world of one) and leaves them up for the caller (`megarope train` ends them).
-    ``progress``: show a tqdm bar on rank 0 (default: when stderr is a terminal).
-    Bad input raises UsageError before anything is written.
-    """
-    cfg = cfg if isinstance(cfg, configuration.Config) else configuration.validate(cfg)
-    compat.quiet()
-    check_config(cfg)
-    layout = parallel.init(cfg.parallel.tp, cfg.parallel.cp, 1, cfg.train.seed)
-    return _Run(cfg, layout, progress).train()
-
-
-class _Run:
-    def __init__(self, cfg: configuration.Config, layout: parallel.Layout, progress: bool | None):
-        from megatron.core import parallel_state
-
-        self.cfg, self.layout = cfg, layout
-        t = cfg.train
-        self.dp_rank = parallel_state.get_data_parallel_rank()
-        self.root = cfg.checkpoint.dir
-        error = None
-        try:
-            if t.global_batch % (t.micro_batch * layout.dp):
-                raise UsageError(f"train.global_batch {t.global_batch} must be divisible by train.micro_batch "
-                                 f"x data-parallel size = {t.micro_batch} x {layout.dp}")
-            self.resume_dir = checkpoint.latest_checkpoint(self.root)
-            self.preset, self.preset_name, self.tokenizer = _resolve_model_and_tokenizer(cfg, self.resume_dir)
-            if self.resume_dir:
-                _check_resume(cfg, self.resume_dir)
-            # lineage: the pretraining this run descends from (the resumed run's, else init.from's), carried forward
-            parent = self.resume_dir or cfg.init.from_
-            self.lineage = lineage.training_lineage(checkpoint.read_meta(parent) if parent else None,
-                                                    cfg.rope.base, t.seq_len)
-            self.sources = _data_prefixes(cfg, self.tokenizer)
-        except UsageError as e:
-            error = e
-        _agree(error)
-        self.num_micro = t.global_batch // (t.micro_batch * layout.dp)
-        self.progress = progress
-        self.last_loss: float | None = None
-
-    # -- building
-    def _build(self):
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-
-        from megarope import data
-        from megarope.model import build_model, count_parameters
-        from megarope.rope import RopeConfig
-
-        cfg, t = self.cfg, self.cfg.train
-        dtype = torch.bfloat16 if t.dtype == "bf16" else torch.float32
-        self.rope = RopeConfig(**cfg.rope_config())
-        try:
-            model = build_model(self.preset, self.rope, cfg.model.backend, dtype=dtype,
-                                sequence_parallel=cfg.parallel.sequence_parallel, recompute=t.recompute,
-                                fp8=t.fp8, fp8_recipe=t.fp8_recipe)
-        except (ImportError, ValueError) as e:
-            raise UsageError(f"cannot build the model: {e}") from None
-        self.n_params = count_parameters(model)
-        gpu = torch.cuda.is_available()
-        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=gpu,
-                                                   use_distributed_optimizer=gpu)
-        ddp = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
-        for attr in ("megarope_preset", "megarope_rope", "megarope_backend"):
-            setattr(ddp, attr, getattr(model, attr))  # loss.token_losses reads them from what it is given
-        self.model, self.ddp = model, ddp
-        self.optimizer, self.optimizer_kind = make_optimizer(ddp, cfg)
-        self.scheduler = make_scheduler(self.optimizer, cfg)
-        self.dataset = data.build_gpt_dataset(self.sources, t.seq_len, t.steps * t.global_batch, t.seed,
-                                              self.tokenizer, cache_dir=cfg.data.cache_dir)
-
-    def _banner(self, start: str) -> None:
-        from megarope import planner
-
-        cfg, t, p = self.cfg, self.cfg.train, self.preset
-        lines = [
-            f"megarope train: {self.layout.describe()}"
-            + (" with sequence parallelism" if cfg.parallel.sequence_parallel and self.layout.tp > 1 else ""),
-            f"model: {self.preset_name} ({p.num_layers} layers, hidden {p.hidden_size}, {p.num_heads} heads x "
-            f"{p.head_dim}, {self.n_params * self.layout.tp / 1e6:,.1f}M parameters), backend {cfg.model.backend}, "
-            f"{t.dtype}" + (f", FP8 {t.fp8} ({t.fp8_recipe})" if t.fp8 else "")
-            + (", recompute" if t.recompute else ""),
-            f"data: {', '.join(f'{w:g} x {prefix}' if len(self.sources) > 1 else prefix for prefix, w in self.sources)}"
-            f" ({len(self.dataset):,} samples of {t.seq_len} tokens), tokenizer {self.tokenizer.spec} "
-            f"(vocab {self.tokenizer.vocab_size:,})",
-            f"schedule: {t.steps} steps x {t.global_batch} sequences ({self.num_micro} micro batches of "
-            f"{t.micro_batch} per data-parallel rank), AdamW lr {t.lr:g}, warmup {t.warmup_steps}, "
-            f"{t.lr_decay_style} to {t.min_lr:g}, clip {t.clip_grad:g}, optimizer {self.optimizer_kind}",
-            f"RoPE: base {self.rope.base:g}, train_len {self.rope.train_len}"
-            + (", dynamic NTK" if self.rope.dynamic_ntk else "")
-            + (f", log-scaled from {self.rope.log_scale_ref}" if self.rope.log_scale_ref else ""),
-        ]
-        lin = self.lineage
-        try:
-            plan = planner.make_plan(p.head_dim, lin.pretrain_len, lin.effective_tune_len, [self.rope.base], [],
-                                     lin.pretrain_base, self.rope.rotary_percent)
-            lines += ["RoPE plan from the lineage:", *(f"  {line}" for line in lin.describe().splitlines()),
-                      *(f"  {line}" if line else "" for line in planner.format_plan(plan).splitlines())]
-        except ValueError as e:
-            lines.append(f"RoPE plan: not available ({e})")
-        every = f"every {cfg.checkpoint.every} steps and " if cfg.checkpoint.every else ""
-        lines.append(f"checkpoints: {self.root}, {every}at the end, keep {cfg.checkpoint.keep}; {start}")
-        _say("\n".join(lines))
-
-    # -- data
-    def _micro_batches(self, consumed: int):
-        """This rank's micro batches of the global batch that starts at sample ``consumed``
-        (megatron's order: micro batch m of DP rank r holds samples consumed + (m*DP + r)*mbs ...)."""
-        mbs, dp = self.cfg.train.micro_batch, self.layout.dp
-        device = parallel.device()
-        for m in range(self.num_micro):
-            start = consumed + (m * dp + self.dp_rank) * mbs
-            samples = [self.dataset[i] for i in range(start, start + mbs)]
-            batch = {key: torch.stack([torch.as_tensor(s[key]) for s in samples])
-                     for key in ("tokens", "labels", "loss_mask", "position_ids")}
-            if self.layout.cp > 1:
-                batch = parallel.slice_for_cp(batch)
-            yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-    # -- one step
-    def _forward_backward(self, consumed: int) -> torch.Tensor:
-        from megatron.core.distributed import finalize_model_grads
-
-        from megarope.loss import mean_loss, token_losses
-
-        self.ddp.zero_grad_buffer()
-        self.optimizer.zero_grad()
-        total = torch.zeros((), dtype=torch.float32, device=parallel.device())
-        for m, batch in enumerate(self._micro_batches(consumed)):
-            last = m == self.num_micro - 1
-            with contextlib.nullcontext() if last else self.ddp.no_sync():
-                losses, _ = token_losses(self.ddp, batch["tokens"], batch["labels"], batch["position_ids"])
-                share, _ = mean_loss(losses, batch["loss_mask"])
-                (share / self.num_micro).backward()
-            total += share.detach() / self.num_micro
-        finalize_model_grads([self.ddp])
-        return total
-
-    def _save(self, step: int, consumed: int, nan_skips: int) -> str:
-        cfg = self.cfg
-        state = {"consumed_samples": consumed, "tokens": consumed * cfg.train.seq_len, "nan_skips": nan_skips,
-                 "loss": self.last_loss,
-                 "scheduler": self.scheduler.state_dict(), "optimizer": self.optimizer_kind,
-                 "layout": {"tp": self.layout.tp, "cp": self.layout.cp, "dp": self.layout.dp,
-                            "world": self.layout.world},
-                 "config": cfg.to_dict()}
-        tokenizer_file = self.tokenizer.path if self.tokenizer.path else None
-        meta = checkpoint.model_meta(self.model, tokenizer=self.tokenizer.spec, step=step,
-                                     trained={"seq_len": cfg.train.seq_len, "tokens": consumed * cfg.train.seq_len},
-                                     lineage=self.lineage.to_dict())
-        return checkpoint.save_training(self.root, step, self.model, self.optimizer, state, _rng_state(), meta,
-                                        cfg.checkpoint.keep, tokenizer_file)
-
-    def _restore(self) -> tuple[int, int, int, str]:
-        """(step, consumed samples, NaN skips, a line saying where training starts)."""
-        cfg = self.cfg
-        if self.resume_dir:
-            state, rank_state = checkpoint.load_training(self.resume_dir, self.model, self.optimizer)
-            self.scheduler.load_state_dict(state["scheduler"])
-            if rank_state is not None:
-                _set_rng_state(rank_state)
-            where = f"resuming from {self.resume_dir} (step {state['step']})"
-            if cfg.init.from_:
-                where += "; init.from is not used when resuming"
-            self.last_loss = state.get("loss")
-            return state["step"], state["consumed_samples"], state.get("nan_skips", 0), where
-        if cfg.init.from_:
-            checkpoint.load_model(self.model, cfg.init.from_)
-            self.optimizer.reload_model_params()  # the optimizer's fp32 masters were copied from random weights
-            return 0, 0, 0, f"starting from the weights of {cfg.init.from_}"
-        return 0, 0, 0, "starting from random weights"
-
-    def train(self) -> dict:
-        from torch.utils.tensorboard import SummaryWriter
-        from tqdm import tqdm
-
-        cfg, t = self.cfg, self.cfg.train
-        error = None
-        try:
-            self._build()
-        except UsageError as e:
-            error = e
-        _agree(error)
-        # From here on, files are written.
-        main = parallel.is_main()
-        if main:
-            os.makedirs(self.root, exist_ok=True)
-        checkpoint.remove_partial_saves(self.root)
-        step, consumed, nan_skips, where = self._restore()
-        self._banner(where)
-        metrics_path = os.path.join(self.root, METRICS)
-        writer = None
-        if main:
-            _truncate_metrics(metrics_path, step)
-            if cfg.log.tensorboard:
-                writer = SummaryWriter(os.path.join(self.root, "tensorboard"), purge_step=step + 1)
-        metrics = open(metrics_path, "a") if main else None
-        show_bar = main and (self.progress if self.progress is not None else sys.stderr.isatty())
-        bar = tqdm(total=t.steps, initial=step, desc="train", unit="step", disable=not show_bar, dynamic_ncols=True)
-        flops_per_step = _flops_per_token(self.preset, t.seq_len) * t.global_batch * t.seq_len
-        peak = _peak_flops(cfg)
-        tokens_per_step = t.global_batch * t.seq_len
-        saved_at, stopped = None, None
-        device = parallel.device()
-        try:
-            with _StopSignals() as signals:
-                while step < t.steps:
-                    started = time.perf_counter()
-                    loss_share = self._forward_backward(consumed)
-                    # one world all-reduce: the loss (TP ranks hold equal copies) and any stop signal
-                    flags = torch.stack([loss_share, torch.tensor(float(signals.received is not None), device=device)])
-                    if dist.is_initialized() and self.layout.world > 1:
-                        dist.all_reduce(flags)
-                    loss = flags[0].item() / self.layout.world
-                    stop_requested = flags[1].item() > 0
-                    step += 1
-                    consumed += t.global_batch
-                    self.scheduler.step(1)
-                    lr = self.optimizer.param_groups[0]["lr"]
-                    lr = float(lr) if not isinstance(lr, torch.Tensor) else lr.item()
-                    updated, grad_norm = False, None
-                    if math.isfinite(loss):
-                        updated, grad_norm, _ = self.optimizer.step()
-                        grad_norm = float(grad_norm) if grad_norm is not None else None
-                    if not updated:
-                        nan_skips += 1
-                    elapsed = time.perf_counter() - started
-                    record = {"step": step, "loss": _finite(loss), "lr": lr, "grad_norm": _finite(grad_norm),
-                              "skipped": not updated, "consumed_samples": consumed,
-                              "tokens": consumed * t.seq_len,
-                              "tokens_per_s": tokens_per_step / elapsed, "step_time_s": elapsed}
-                    if peak:
-                        record["mfu"] = flops_per_step / elapsed / self.layout.world / peak
-                    if updated:
-                        self.last_loss = loss
-                    if main:
-                        metrics.write(json.dumps(record) + "\n")
-                        metrics.flush()
-                        if writer is not None:
-                            for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu"):
-                                if record.get(key) is not None:
-                                    writer.add_scalar(f"train/{key}", record[key], step)
-                        postfix = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}",
-                                   "tok/s": f"{record['tokens_per_s']:,.0f}"}
-                        if "mfu" in record:
-                            postfix["MFU"] = f"{record['mfu']:.1%}"
-                        bar.set_postfix(postfix, refresh=False)
-                        bar.update(1)
-                        if not show_bar and (step % cfg.log.every == 0 or step == t.steps):
-                            print(f"step {step}/{t.steps}  " + "  ".join(f"{k} {v}" for k, v in postfix.items())
-                                  + ("  (skipped: loss not finite)" if not updated else ""), flush=True)
-                    if not updated and nan_skips > t.max_nan_skips:
-                        saved_at = self._save(step, consumed, nan_skips)
-                        raise UsageError(
-                            f"the loss was not finite at {nan_skips} steps (train.max_nan_skips = {t.max_nan_skips}), "
-                            f"the last at step {step}; saved {saved_at} and stopped (try a lower train.lr)")
-                    if stop_requested or step == t.exit_at_step:
-                        stopped = "signal" if stop_requested else "exit_at_step"
-                        saved_at = self._save(step, consumed, nan_skips)
-                        break
-                    if step == t.steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
-                        saved_at = self._save(step, consumed, nan_skips)
-        finally:
-            bar.close()
-            if metrics is not None:
-                metrics.close()
-            if writer is not None:
-                writer.close()
-        if saved_at is None:
-            saved_at = checkpoint.latest_checkpoint(self.root)
-        if stopped == "signal":
-            _say(f"stopped by a signal after step {step}; saved {saved_at}. Run the same command to resume.")
-        elif stopped == "exit_at_step":
-            _say(f"stopped at train.exit_at_step {step}; saved {saved_at}")
-        else:
-            loss_text = "n/a" if self.last_loss is None else f"{self.last_loss:.4f}"
-            _say(f"done: step {step}, loss {loss_text}, checkpoint {saved_at}")
-        return {"step": step, "loss": self.last_loss, "checkpoint": saved_at, "stopped": stopped,
-                "consumed_samples": consumed, "nan_skips": nan_skips, "metrics": metrics_path}
+    old_precision = saved.get("precision")
+    if old_precision is not None and old_precision != precision:
+        changed = ", ".join(f"{k}: {old_precision.get(k)} -> {v}"
+                            for k, v in precision.items() if old_precision.get(k) != v)
+        raise UsageError(f"{resume_dir} was trained with other numerics ({changed}); {hint}")
+    old_layout = {"tp": 1, "cp": 1, "pp": 1, "vpp": None, **saved.get("layout", {})}
+    new_layout = {"tp": layout.tp, "cp": layout.cp, "pp": layout.pp, "vpp": layout.vpp}
+    model_parallel = ("tp", "pp", "vpp")
+    if (not reshards_across_model_parallel(saved["optimizer"])
+            and any(old_layout[k] != new_layout[k] for k in model_parallel)):
+        raise UsageError(f"{resume_dir} was saved at {_layout_text(old_layout)} and this run is "
+                         f"{_layout_text(new_layout)}: megatron's distributed optimizer state reshards over DP and CP "
+                         f"only; resume at the saved TP and PP, or {hint}")

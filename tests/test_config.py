@@ -13,7 +13,7 @@ from megarope.errors import UsageError
 from megarope.rope import RopeConfig
 
 EXAMPLES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "examples", "*.yaml")))
-REQUIRED_KEYS = ["rope.base", "parallel.tp", "parallel.cp", "train.steps", "train.exit_at_step", "train.seq_len",
+REQUIRED_KEYS = ["rope.base", "parallel.tp", "parallel.cp", "parallel.pp", "parallel.vpp", "train.steps", "train.exit_at_step", "train.seq_len",
                  "train.global_batch", "train.micro_batch", "checkpoint.dir", "checkpoint.every", "data.path",
                  "init.from"]
 
@@ -28,6 +28,7 @@ def test_defaults_and_the_required_dotted_keys_exist():
     cfg = load_config(None, ["data.path=some/prefix"])
     flat = cfg.to_dict()
     for key in REQUIRED_KEYS + ["model.preset", "model.backend", "rope.dynamic_ntk", "parallel.sequence_parallel",
+                                "parallel.gpu_memory_gb",
                                 "train.lr", "train.min_lr", "train.warmup_steps", "train.weight_decay",
                                 "train.clip_grad", "train.seed", "train.dtype", "train.recompute", "train.fp8",
                                 "train.fp8_recipe", "train.max_nan_skips", "data.tokenizer", "data.blend",
@@ -35,7 +36,8 @@ def test_defaults_and_the_required_dotted_keys_exist():
         section, leaf = key.split(".")
         assert leaf in flat[section], key
     assert cfg.init.from_ is None and flat["init"] == {"from": None}
-    assert (cfg.parallel.tp, cfg.parallel.cp, cfg.train.dtype, cfg.model.backend) == (1, 1, "fp32", "local")
+    assert (cfg.parallel.tp, cfg.parallel.cp, cfg.train.dtype, cfg.model.backend) == (1, 1, "auto", "local")
+    assert (cfg.parallel.pp, cfg.parallel.vpp, cfg.parallel.gpu_memory_gb) == (1, None, 80.0)
 
 
 def test_rope_section_has_exactly_the_fields_of_rope_config():
@@ -85,6 +87,9 @@ def test_blend_is_weight_prefix_pairs():
     (["data.path=p", "model.backend=cuda"], "model.backend"),
     (["data.path=p", "rope.base=1"], "rope.base"),
     (["data.path=p", "parallel.tp=0"], "parallel.tp"),
+    (["data.path=p", "parallel.pp=0"], "parallel.pp"),
+    (["data.path=p", "parallel.vpp=2"], "parallel.vpp (2) needs parallel.pp > 1"),
+    (["data.path=p", "parallel.pp=2", "parallel.vpp=1"], "parallel.vpp"),
     (["data.path=p", "train.global_batch=10", "train.micro_batch=4"], "divisible by micro_batch"),
     (["data.path=p", "train.steps=10", "train.warmup_steps=10"], "warmup_steps (10)"),
     (["data.path=p", "train.lr=1e-5", "train.min_lr=1e-4"], "min_lr"),
@@ -130,12 +135,15 @@ def test_examples_are_valid(path):
         name = os.path.basename(path)
         assert cfg.rope.base == (500 if "base500" in name else 1e6)
         assert cfg.train.seq_len == (16384 if "16k" in name else 4096)
+    if os.path.basename(path).startswith("llama2_70b"):
+        assert (cfg.model.preset, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp) == ("llama2-70b", 8, 4, 2)
+        assert (cfg.train.steps, cfg.train.global_batch, cfg.train.seq_len, cfg.rope.base) == (1000, 128, 16384, 1e6)
 
 
 def test_examples_cover_the_paper_settings():
     names = {os.path.basename(p) for p in EXAMPLES}
     assert {"toy_cpu.yaml", "llama2_7b_base500_16k.yaml", "llama2_7b_base1e6_4k.yaml",
-            "llama2_7b_base1e6_16k.yaml"} <= names
+            "llama2_7b_base1e6_16k.yaml", "llama2_70b_base1e6_16k.yaml"} <= names
 
 
 def test_cli_train_unknown_key_is_one_line_exit_2(tmp_path, capsys):

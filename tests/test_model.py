@@ -150,3 +150,37 @@ def test_yarn_model_takes_megatron_yarn_path():
     assert model.config.yarn_rotary_scaling_factor == 4.0  # where megatron's attention reads the temperature from
     tokens = torch.randint(0, 257, (1, 64))
     assert model(tokens, torch.arange(64)[None], None).shape == (1, 64, 384)
+
+
+def test_llama2_70b_preset_has_the_published_shape():
+    p = M.get_preset("llama2-70b")
+    assert (p.num_layers, p.hidden_size, p.num_heads, p.num_query_groups, p.ffn_hidden_size) == (80, 8192, 64, 8, 28672)
+    assert (p.vocab_size, p.max_seq_len, p.head_dim, p.padded_vocab_size) == (32000, 4096, 128, 32000)
+
+
+def test_pipeline_split_is_even_or_refused():
+    assert M.pipeline_split(80, 4) == 20 and M.pipeline_split(80, 4, 2) == 10
+    with pytest.raises(ValueError, match="4 layers cannot be split evenly over PP = 3 pipeline stages"):
+        M.pipeline_split(4, 3)
+    with pytest.raises(ValueError, match=r"PP x VPP = 2 x 4 = 8"):
+        M.pipeline_split(4, 2, 4)
+
+
+def test_recompute_gives_the_same_gradients_and_reruns_each_layer_on_a_cpu():
+    """megatron's full activation recompute (tensor_parallel.checkpoint) on a CPU: each layer's forward runs again in
+    the backward pass, and the gradients equal those without recompute (compat gives its RNG save/restore a CPU path)."""
+    parallel.init()
+    tokens = torch.randint(0, 257, (2, 65), generator=torch.Generator().manual_seed(0))
+    grads, forwards = {}, {}
+    for recompute in (False, True):
+        parallel.seed_everything(1234)
+        model = M.build_model(M.get_preset("toy"), RopeConfig(base=1e4, train_len=64), recompute=recompute)
+        calls = []
+        model.decoder.layers[0].mlp.register_forward_hook(lambda *_: calls.append(1))
+        losses, _ = L.token_losses(model, tokens[:, :-1], tokens[:, 1:])
+        losses.mean().backward()
+        grads[recompute] = {n: p.grad.clone() for n, p in model.named_parameters()}
+        forwards[recompute] = len(calls)
+    assert forwards == {False: 1, True: 2}
+    for name, grad in grads[False].items():
+        torch.testing.assert_close(grads[True][name], grad, atol=0, rtol=0, msg=name)

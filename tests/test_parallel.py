@@ -44,3 +44,43 @@ def test_cp_positions_follow_megatrons_load_balanced_order():
     assert sorted(together.tolist()) == list(range(24))
     with pytest.raises(ValueError, match="divisible"):
         parallel.cp_local_positions(10, 2, 0)
+
+
+def test_layout_describes_pipeline_and_virtual_stages():
+    layout = parallel.Layout(tp=2, cp=1, pp=2, dp=2, world=8, rank=0, vpp=3)
+    assert layout.describe() == "world 8 = TP 2 x CP 1 x PP 2 (x 3 virtual stages) x DP 2"
+
+
+def _fail_on_rank_1(kind):
+    from megarope import parallel
+
+    parallel.init()
+    import torch.distributed as dist
+
+    try:
+        with parallel.fail_together():
+            if dist.get_rank() == 1:
+                raise UsageError("rank 1 saw bad input") if kind == "usage" else KeyError("rank 1 broke")
+        return "passed"
+    except (UsageError, RuntimeError, KeyError) as e:
+        return f"{type(e).__name__}: {e}"
+
+
+@pytest.mark.slow
+def test_every_rank_raises_when_one_fails_inside_fail_together():
+    from distributed import run_distributed
+
+    assert run_distributed(_fail_on_rank_1, 2, "usage") == [
+        "UsageError: another rank stopped on bad input (see its message)", "UsageError: rank 1 saw bad input"]
+    assert run_distributed(_fail_on_rank_1, 2, "other") == [
+        "RuntimeError: another rank failed (see its error)", "KeyError: 'rank 1 broke'"]
+
+
+def test_fail_together_in_one_process_raises_its_own_error_only():
+    parallel.init()
+    with parallel.fail_together():
+        pass
+    with pytest.raises(UsageError, match="mine"):
+        with parallel.fail_together():
+            raise UsageError("mine")
+    parallel.wait_for_all()  # a world of one waits for nobody

@@ -14,12 +14,16 @@ import sysconfig
 import textwrap
 import time
 
+import importlib.util
+
 import pytest
 import torch
 
-from megarope import checkpoint, config, data, train
+from megarope import checkpoint, config, data, parallel, train
 from megarope.cli import main
 from megarope.errors import UsageError
+from megarope.model import get_preset
+from megarope.optim import CHECKPOINT_METADATA
 from distributed import run_distributed
 
 pytestmark = [pytest.mark.filterwarnings("ignore:Could not determine rank"),
@@ -183,11 +187,9 @@ def test_blend_trains_and_dp_rank_reads_its_own_samples(corpus, tmp_path):
                            "train.steps=2", "train.warmup_steps=0"), progress=False)
     assert s["step"] == 2 and s["loss"] is not None
     # a micro batch of DP rank r holds samples consumed + (m*DP + r)*mbs .. (megatron's order)
-    run = train._Run.__new__(train._Run)
-    run.cfg = make_cfg(corpus, tmp_path / "x", "train.micro_batch=1")
-    run.layout, run.dp_rank, run.num_micro = train.parallel.Layout(1, 1, 1, 2, 2, 1), 1, 2
-    run.dataset = [{"tokens": [i], "labels": [i], "loss_mask": [1], "position_ids": [0]} for i in range(20)]
-    assert [b["tokens"].flatten().tolist() for b in run._micro_batches(8)] == [[9], [11]]
+    dataset = [{"tokens": [i], "labels": [i], "loss_mask": [1], "position_ids": [0]} for i in range(20)]
+    batches = train.micro_batches(dataset, 8, micro_batch=1, dp=2, dp_rank=1, count=2)
+    assert [b["tokens"].flatten().tolist() for b in batches] == [[9], [11]]
 
 
 def test_nan_loss_skips_then_saves_and_stops_with_exit_2(corpus, tmp_path, capsys):
@@ -217,7 +219,9 @@ def test_nan_loss_skips_then_saves_and_stops_with_exit_2(corpus, tmp_path, capsy
     (["model.preset=llama-3"], "unknown model preset"),
     (["model.backend=te"], "need a GPU with Transformer Engine"),
     (["train.fp8=e4m3"], "train.fp8 needs model.backend: te"),
-    (["train.recompute=true"], "train.recompute needs a GPU"),
+    (["parallel.pp=3", "--dry-run"], "4 layers cannot be split evenly over PP = 3 pipeline stages"),
+    (["parallel.pp=2"], "world size 1 is not divisible by TP*CP*PP = 1*1*2"),
+    (["parallel.vpp=2"], "parallel.vpp (2) needs parallel.pp > 1"),
     (["train.exit_at_step=99"], "past train.steps"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(corpus, tmp_path, capsys, overrides, words):
@@ -237,7 +241,8 @@ def corpus_jsonl(prefix):
 
 @pytest.mark.parametrize("change, words", [("train.seq_len=128", "trained with train.seq_len=64"),
                                            ("train.global_batch=8", "trained with train.global_batch=4"),
-                                           ("rope.base=1e6", "another RoPE (rope.base: 10000.0 -> 1000000.0)")])
+                                           ("rope.base=1e6", "another RoPE (rope.base: 10000.0 -> 1000000.0)"),
+                                           ("train.dtype=bf16", "other numerics (dtype: fp32 -> bf16)")])
 def test_resuming_something_else_is_refused(corpus, reference, tmp_path, capsys, change, words):
     shutil.copytree(reference["dir"], tmp_path / "run")
     before = sorted(os.listdir(tmp_path / "run"))
@@ -255,6 +260,148 @@ def test_bad_input_in_a_fresh_process_prints_exactly_one_line(corpus, tmp_path):
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("megarope: error: no indexed dataset"), proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------------------------- the step
+def _benchmark():
+    """benchmarks/train_throughput.py, whose hand_written_step is the loop training ran before megatron's schedules."""
+    path = os.path.join(REPO, "benchmarks", "train_throughput.py")
+    spec = importlib.util.spec_from_file_location("train_throughput", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _three_steps(cfg, step) -> tuple[list[float], list[torch.Tensor]]:
+    layout = parallel.init(1, 1, 1, cfg.train.seed)
+    trainer = train.Trainer(cfg, layout, "fp32", progress=False)
+    trainer.build()
+    state, out = train.TrainState(), []
+    for _ in range(3):
+        out.append(step(trainer, state))
+        state.consumed_samples += cfg.train.global_batch
+    weights = [p.detach().clone() for p in trainer.chunks[0].parameters()]
+    parallel.destroy()
+    return out, weights
+
+
+def test_a_step_on_megatrons_schedule_equals_the_hand_written_loop_it_replaced(corpus, tmp_path):
+    """Same loss and same weights after three steps of 2 micro batches (the benchmark's baseline is the same step)."""
+    loop = _benchmark().hand_written_step
+    new_losses, new_weights = _three_steps(make_cfg(corpus, tmp_path / "a"), lambda tr, st: tr.train_step(st, False).loss)
+    old_losses, old_weights = _three_steps(make_cfg(corpus, tmp_path / "b"), loop)
+    assert max(abs(a - b) for a, b in zip(new_losses, old_losses)) < 1e-6, (new_losses, old_losses)
+    assert new_losses[2] < new_losses[0]  # the weights did change
+    assert max((a - b).abs().max().item() for a, b in zip(new_weights, old_weights)) < 1e-6
+
+
+def test_each_step_marks_its_first_micro_batch_for_the_fp8_weight_cache(corpus, tmp_path, monkeypatch):
+    """TE's linear layers cast their weights to FP8 at a micro batch whose is_first_microbatch flag is set and
+    reuse that cast until it is set again; megatron's schedule sets it through set_is_first_microbatch() at the
+    first micro batch of every step (MegatronModule does so when config.fp8 is on). Without TE, a TE-like flag on
+    the model's row-parallel linear layers stands in: a forward records it and clears it, as TE's does; the spy
+    sets it on every module that has one, as MegatronModule does under FP8. 3 steps x 2 micro batches."""
+    from megatron.core.tensor_parallel import RowParallelLinear
+    from megatron.core.transformer.module import MegatronModule
+
+    calls, seen = [], {}
+
+    def mark_first_micro_batch(self):
+        calls.append(type(self).__name__)
+        for module in self.modules():
+            if hasattr(module, "is_first_microbatch"):
+                module.is_first_microbatch = True
+
+    forward = RowParallelLinear.forward
+
+    def te_like_forward(self, *args, **kwargs):
+        seen.setdefault(id(self), []).append(self.is_first_microbatch)
+        self.is_first_microbatch = False
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(MegatronModule, "set_is_first_microbatch", mark_first_micro_batch)
+    monkeypatch.setattr(RowParallelLinear, "is_first_microbatch", False, raising=False)
+    monkeypatch.setattr(RowParallelLinear, "forward", te_like_forward)
+    train.run(make_cfg(corpus, tmp_path / "run", "train.steps=3", "checkpoint.every=0"), progress=False)
+    assert calls == ["DistributedDataParallel"] * 3  # the DDP-wrapped model, once per step
+    assert len(seen) == 2 * 4  # linear_proj and linear_fc2 of the 4 layers
+    assert all(flags == [True, False] * 3 for flags in seen.values()), seen
+
+
+def test_train_state_records_the_optimizer_format_numerics_and_layout(reference):
+    step = reference["summary"]["checkpoint"]
+    state = checkpoint.read_train_state(step)
+    assert state["optimizer_metadata"] == CHECKPOINT_METADATA
+    assert CHECKPOINT_METADATA["distrib_optim_sharding_type"] == "dp_reshardable"
+    assert state["precision"] == {"backend": "local", "dtype": "fp32", "fp8": None, "fp8_recipe": None}
+    assert state["layout"] == {"tp": 1, "cp": 1, "pp": 1, "vpp": None, "dp": 1, "world": 1}
+    assert state["config"]["train"]["dtype"] == "auto"  # as written; the resolved dtype is the one above
+    trained = checkpoint.read_meta(step)["trained"]
+    assert (trained["dtype"], trained["backend"], trained["fp8"]) == ("fp32", "local", None)
+
+
+def test_a_resume_at_another_tp_or_pp_is_refused_where_the_optimizer_cannot_reshard(corpus, reference, tmp_path,
+                                                                                      monkeypatch):
+    """megatron's distributed optimizer saves dp_reshardable state: DP and CP may change, TP and PP not."""
+    run = tmp_path / "run"
+    shutil.copytree(reference["dir"], run)
+    step = checkpoint.latest_checkpoint(str(run))
+    state = checkpoint.read_train_state(step)
+    checkpoint.write_json_atomic(os.path.join(step, checkpoint.TRAIN_STATE), {**state, "optimizer": "megatron-distributed"})
+    monkeypatch.setattr(train, "optimizer_kind", lambda: "megatron-distributed")
+    cfg, precision = make_cfg(corpus, run), state["precision"]
+    train.check_resume(cfg, step, precision, parallel.Layout(1, 2, 1, 2, 4, 0))  # CP and DP change: fine
+    with pytest.raises(UsageError, match=r"saved at TP 1 x CP 1 x PP 1 and this run is TP 1 x CP 1 x PP 2: "
+                                         r"megatron's distributed optimizer state reshards over DP and CP only"):
+        train.check_resume(cfg, step, precision, parallel.Layout(1, 1, 2, 1, 2, 0))
+    with pytest.raises(UsageError, match="and this run is TP 2 x CP 1 x PP 1"):
+        train.check_resume(cfg, step, precision, parallel.Layout(2, 1, 1, 1, 2, 0))
+
+
+H100 = train.Accelerator("NVIDIA H100 80GB HBM3", (9, 0), 85.0)
+
+
+def test_gpu_checks_before_anything_starts(corpus, tmp_path):
+    cfg = lambda *o: make_cfg(corpus, tmp_path / "run", *o)  # noqa: E731
+    assert train.resolve_dtype(cfg(), H100) == "bf16" and train.resolve_dtype(cfg(), None) == "fp32"
+    assert train.resolve_dtype(cfg("train.dtype=fp32"), H100) == "fp32"
+    train.check_config(cfg("model.backend=te", "parallel.cp=2"), H100)  # auto: bf16
+    with pytest.raises(UsageError, match="train.dtype fp32 has no context-parallel attention"):
+        train.check_config(cfg("model.backend=te", "parallel.cp=2", "train.dtype=fp32"), H100)
+    fp8 = ("model.backend=te", "train.fp8=e4m3", "train.fp8_recipe=mxfp8")
+    with pytest.raises(UsageError, match="mxfp8 needs a Blackwell GPU .* has 9.0"):
+        train.check_config(cfg(*fp8), H100)
+    train.check_config(cfg(*fp8), train.Accelerator("NVIDIA B200", (10, 0), 180.0))
+    toy = get_preset("toy")  # hidden 128, 4 heads + 2 x 2 KV groups of 32, ffn 352
+    train.check_fp8_shapes(toy, cfg("train.fp8=e4m3", "parallel.tp=2"))
+    with pytest.raises(UsageError, match=r"ffn / TP = 88 \(TP 4\)"):
+        train.check_fp8_shapes(toy, cfg("train.fp8=e4m3", "parallel.tp=4"))
+    with pytest.raises(UsageError, match="36 tokens per rank .* not divisible by 8"):
+        train.check_fp8_shapes(toy, cfg("train.fp8=e4m3", "train.seq_len=72", "parallel.tp=2", "train.micro_batch=1",
+                                        "train.global_batch=4"))
+
+
+# ----------------------------------------------------------------------------------------------- dry run
+LLAMA_70B = os.path.join(REPO, "examples", "llama2_70b_base1e6_16k.yaml")
+
+
+def test_the_70b_example_passes_its_dry_run(capsys):
+    assert main(["train", LLAMA_70B, "--dry-run", "--world", "128"]) == 0
+    out = capsys.readouterr().out
+    assert "world 128 = TP 8 x CP 2 x PP 4 x DP 2" in out and "68.98B parameters" in out
+    assert "fits <- this config" in out
+    for part in ("weights", "gradients", "optimizer shard", "recompute off", "recompute on", "workspace"):
+        assert part in out
+
+
+def test_a_dry_run_refuses_a_layout_that_does_not_fit(capsys):
+    assert main(["train", LLAMA_70B, "parallel.pp=1", "parallel.cp=1", "--dry-run"]) == 2
+    captured = capsys.readouterr()
+    assert "TP 8 x CP 1 x PP 1 x DP 1" in captured.out  # the estimate is shown, then one line says why not
+    assert captured.err.count("\n") == 1 and "more than parallel.gpu_memory_gb = 80" in captured.err
+    assert main(["train", LLAMA_70B, "parallel.gpu_memory_gb=141", "--dry-run"]) == 0  # an H200
+    assert main(["train", LLAMA_70B, "--world", "8"]) == 2
+    assert "--world is for --dry-run" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------- stopping
@@ -401,3 +548,130 @@ def test_toy_example_runs_from_nothing(tmp_path, capsys):
     assert "world 1 = TP 1 x CP 1 x PP 1 x DP 1" in out and "critical dimension d_extra = 12" in out
     assert os.path.exists(tmp_path / "data" / "train.bin") and latest_step(tmp_path / "toy") == 3
     assert os.listdir(tmp_path / "toy" / "tensorboard")
+
+
+# ----------------------------------------------------------------------------------------------- pipelines
+def _copy_step(reference_dir, root, name, step="step_0000004"):
+    """A run directory holding only ``step`` of the reference run (made on rank 0)."""
+    import torch.distributed as dist
+
+    target = os.path.join(root, name)
+    if parallel.is_main():
+        os.makedirs(target)
+        shutil.copytree(os.path.join(reference_dir, step), os.path.join(target, step))
+        with open(os.path.join(target, "latest"), "w") as f:
+            f.write(step + "\n")
+    dist.barrier()
+    return target
+
+
+def _pipeline_runs(corpus, root, reference_dir):
+    """On 2 gloo ranks: PP=2, PP=2 with 2 virtual stages each (4 micro batches: the interleaved schedule's
+    exchanges overlap from the third on), PP=2 with recompute, a PP=2 resume of the one-process run's
+    step 4, and the layouts PP refuses."""
+    out = {}
+    for name, overrides in {"pp2": ["parallel.pp=2"], "vpp2": ["parallel.pp=2", "parallel.vpp=2", "train.micro_batch=1"],
+                            "pp2_recompute": ["parallel.pp=2", "train.recompute=true"]}.items():
+        out[name] = train.run(make_cfg(corpus, os.path.join(root, name), *overrides), progress=False)
+    out["resumed"] = train.run(make_cfg(corpus, _copy_step(reference_dir, root, "resumed"), "parallel.pp=2"),
+                               progress=False)
+    for name, overrides in {"bad_split": ["parallel.pp=2", "parallel.vpp=4"],
+                            "bad_micro": ["parallel.pp=2", "parallel.vpp=2", "train.global_batch=6"]}.items():
+        try:
+            train.run(make_cfg(corpus, os.path.join(root, name), *overrides), progress=False)
+            out[name] = None
+        except UsageError as e:
+            out[name] = str(e)
+    return out
+
+
+@pytest.fixture(scope="module")
+def pipeline(corpus, reference, tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    return {"dir": root, "results": run_distributed(_pipeline_runs, 2, corpus, str(root), reference["dir"])}
+
+
+@pytest.mark.slow
+def test_pp2_and_virtual_stages_match_one_process_and_resume_across_a_pp_change(pipeline, reference):
+    ref, root, results = reference["losses"], pipeline["dir"], pipeline["results"]
+    for name in ("pp2", "vpp2", "pp2_recompute"):
+        got = losses(root / name)
+        assert len(got) == STEPS and max(abs(a - b) for a, b in zip(got, ref)) < LAYOUT_TOL, (name, got, ref)
+        assert results[0][name]["loss"] == results[1][name]["loss"] == got[-1]  # every stage reports it
+    # the one-process checkpoint of step 4 resumed at PP=2 (the CPU optimizer's state reshards at any layout)
+    assert [m["step"] for m in metrics(root / "resumed")] == [5, 6]
+    assert max(abs(a - b) for a, b in zip(losses(root / "resumed"), ref[-2:])) < LAYOUT_TOL
+    assert checkpoint.read_train_state(results[0]["resumed"]["checkpoint"])["layout"]["pp"] == 2
+    assert "4 layers cannot be split evenly over PP x VPP = 2 x 4 = 8 pipeline stages" in results[0]["bad_split"]
+    assert "interleaved schedule needs the 3 micro batches per data-parallel rank to be a multiple of " \
+           "parallel.pp = 2" in results[0]["bad_micro"]
+    assert results[1]["bad_split"] == results[0]["bad_split"] and results[1]["bad_micro"] == results[0]["bad_micro"]
+    assert not (root / "bad_split").exists() and not (root / "bad_micro").exists()
+
+
+@pytest.mark.slow
+def test_a_checkpoint_trained_at_pp2_is_one_model_for_eval_and_convert(pipeline, reference, tmp_path):
+    """Layers are numbered globally: PP=1 builds the model from a PP=2 checkpoint; HF export has every layer."""
+    from safetensors import safe_open
+
+    from megarope import convert, loss
+
+    pp2, one = pipeline["results"][0]["pp2"]["checkpoint"], reference["summary"]["checkpoint"]
+    parallel.init()
+    tokens = torch.randint(0, 257, (2, 65), generator=torch.Generator().manual_seed(0))
+    mean = {}
+    for name, directory in (("pp2", pp2), ("one", one)):
+        model = checkpoint.build_from_checkpoint(directory)
+        mean[name] = loss.token_losses(model, tokens[:, :-1], tokens[:, 1:])[0].mean().item()
+    assert abs(mean["pp2"] - mean["one"]) < 1e-4  # the same training, split differently
+    parallel.destroy()
+    convert.mcore_to_hf(pp2, str(tmp_path / "hf"))
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
+        assert {f"model.layers.{i}.mlp.down_proj.weight" for i in range(4)} <= set(f.keys())
+
+
+def _four_rank_runs(corpus, root):
+    """On 4 gloo ranks: TP=2 x PP=2 and CP=2 x PP=2; each rank's parameters as memory.stage_parameters says."""
+    from megatron.core import parallel_state
+
+    from megarope import memory
+    from megarope.model import build_model, count_parameters
+    from megarope.rope import RopeConfig
+
+    out = {name: train.run(make_cfg(corpus, os.path.join(root, name), *overrides), progress=False)
+           for name, overrides in {"tp2pp2": ["parallel.tp=2", "parallel.pp=2"],
+                                   "cp2pp2": ["parallel.cp=2", "parallel.pp=2"]}.items()}
+    parallel.init(tp=2, pp=2)
+    stage = build_model(get_preset("toy"), RopeConfig(base=1e4, train_len=64))
+    expected = memory.stage_parameters(get_preset("toy"), tp=2, pp=2)[parallel_state.get_pipeline_model_parallel_rank()]
+    out["parameters"] = (count_parameters(stage), expected)
+    return out
+
+
+@pytest.mark.slow
+def test_tp2_x_pp2_and_cp2_x_pp2_in_four_processes_match_one_process(corpus, reference, tmp_path):
+    results = run_distributed(_four_rank_runs, 4, corpus, str(tmp_path))
+    ref = reference["losses"]
+    for name in ("tp2pp2", "cp2pp2"):
+        got = losses(tmp_path / name)
+        assert len(got) == STEPS and max(abs(a - b) for a, b in zip(got, ref)) < LAYOUT_TOL, (name, got, ref)
+        assert len({r[name]["loss"] for r in results}) == 1
+    assert all(count == expected for count, expected in (r["parameters"] for r in results)), results
+
+
+@pytest.mark.slow
+def test_torchrun_pp2_trains_checkpoints_and_resumes_exactly(corpus, pipeline, tmp_path):
+    """`torchrun --nproc-per-node 2 -m megarope train CONFIG parallel.pp=2`, stopped at step 3 and run again,
+    gives the uninterrupted PP=2 run's losses exactly."""
+    ckpt = tmp_path / "run"
+    path = write_yaml(make_cfg(corpus, ckpt, "parallel.pp=2"), tmp_path / "c.yaml")
+    env = {**cli_env(), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "megarope", "train", path]
+    first = subprocess.run(command + ["train.exit_at_step=3", "--no-progress"], env=env, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0 and "stopped at train.exit_at_step 3" in first.stdout, first.stdout + first.stderr
+    assert "world 2 = TP 1 x CP 1 x PP 2 x DP 1" in first.stdout
+    second = subprocess.run(command + ["--no-progress"], env=env, cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300)
+    assert second.returncode == 0 and "resuming from" in second.stdout, second.stdout + second.stderr
+    assert losses(ckpt) == losses(pipeline["dir"] / "pp2")
