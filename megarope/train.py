@@ -559,6 +559,9 @@ class Trainer:
             state = TrainState(saved["step"], saved["consumed_samples"], saved.get("nan_skips", 0), saved.get("loss"))
             return state, where
         if cfg.init.from_:
+            problem = checkpoint.verify_checkpoint(cfg.init.from_)  # collective: every rank gets the same answer
+            if problem:
+                raise UsageError(f"init.from: {problem}")
             for chunk in self.chunks:
                 checkpoint.load_model(chunk, cfg.init.from_)
             self.optimizer.reload_model_params()  # the optimizer's fp32 masters were copied from random weights

@@ -323,6 +323,17 @@ def test_a_checkpoint_without_a_manifest_that_fails_to_load_is_one_line(corpus, 
     assert_kept(run, before)
 
 
+@cpu_only
+def test_a_damaged_init_from_checkpoint_is_one_line_naming_the_file(corpus, finished, tmp_path, capsys):
+    source = copy_run(finished, tmp_path) / "step_0000006"
+    _flip_a_byte(source / "model" / "__0_0.distcp")
+    path = small_yaml(corpus, tmp_path / "tuned", tmp_path / "c.yaml", f"init.from={source}")
+    assert main(["train", path]) == 2
+    err = one_line(capsys.readouterr().err)
+    assert f"init.from: {source / 'model' / '__0_0.distcp'} is corrupt: its contents changed" in err, err
+    assert not metric_lines(tmp_path / "tuned")
+
+
 # ----------------------------------------------------------------------------------------------- a full disk
 @pytest.fixture
 def small_disk(tmp_path):
