@@ -5,19 +5,29 @@ Layout of one checkpoint directory:
     tokenizer.model    the sentencepiece model, when there is one (a checkpoint is self-contained),
     or tokenizer/      an HF tokenizer's files (tokenizer.json, tokenizer_config.json, ...)
     model/             dist_checkpointing of the model's sharded state dict
+    manifest.json      the size and SHA-256 of every other file, written last (what verify_checkpoint checks)
 
 A save is atomic: everything is written into a hidden sibling directory that is renamed into
-place only when complete, so a crash mid-save never damages an existing checkpoint.
+place only when complete, so a crash mid-save never damages an existing checkpoint. A save is also
+collective and fails together: when any rank's part cannot be written (a full disk, a file system
+error), every rank stops with one line, the hidden directory is removed, and every earlier checkpoint
+stays as it was.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
+import logging
 import os
 import queue
 import re
 import shutil
+import socket
+import sys
+import time
 from dataclasses import asdict
 
 import torch
@@ -25,21 +35,46 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.dist_checkpointing.validation import StrictHandling
+from torch.distributed.checkpoint.api import CheckpointException
 
+from megarope import parallel
 from megarope.data import copy_tokenizer
 from megarope.errors import UsageError
-from megarope.files import partial_dir, replace_dir, write_json_atomic, write_text_atomic
+from megarope.files import partial_dir, replace_dir, sha256_file, write_json_atomic, write_text_atomic
 from megarope.parallel import is_main, wait_for_all
 
 META = "megarope.json"
+MANIFEST = "manifest.json"
 # Transformer Engine (>= 2.18) unpickles the FP8 delayed-scaling state of a checkpoint only when this is 1.
 UNSAFE_PICKLE_ENV = "NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE"
 EXTRA_STATE = "_extra_state"  # torch's key suffix for a module's get_extra_state()
+# Less free space than this after a failed write means the disk is full (see _no_space_left).
+FULL_BELOW_BYTES = 1 << 20
+# The rank that wrote a file: megatron's writer names rank R's shards [group]__R_<i>.distcp (filesystem_async),
+# save_training names rank R's RNG state rank/rank_R.pt; rank 0 writes everything else.
+_SHARD_OWNER = re.compile(r"__(\d+)_\d+\.distcp$")
+_RANK_FILE_OWNER = re.compile(r"^rank/rank_(\d+)\.pt$")
 
 
 def _barrier():
     # rank 0 writes, renames and deletes while the others wait: a wait that may be long (parallel.py)
     wait_for_all()
+
+
+def _rank_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _gather(obj) -> list:
+    """Every rank's ``obj``, on every rank. The ranks first meet on the long-wait group (parallel.py):
+    they arrive after hashing at their own pace, which NCCL's watchdog would not wait for."""
+    world = _rank_world()[1]
+    if world == 1:
+        return [obj]
+    wait_for_all()
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def model_meta(model, **extra) -> dict:
@@ -63,47 +98,212 @@ def _write_results_in_process() -> None:
         filesystem_async._results_queue = queue.Queue()
 
 
-def begin_save(final_dir: str, subdirs: tuple[str, ...] = ()) -> str:
-    """Make (on rank 0) and return the temporary directory a save writes into, with ``subdirs``."""
+# ----------------------------------------------------------------------------------------------- saving
+class _SaveFailed(UsageError):
+    """A save the file system refused: one line, on the rank that saw why."""
+
+
+def _os_error(error: BaseException) -> OSError | None:
+    """The OSError behind ``error``: itself, one of its causes, or a rank's failure that
+    torch.distributed.checkpoint gathered into a CheckpointException (megatron wraps a writer's error
+    in a RuntimeError there)."""
+    stack, seen = [error], set()
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError):
+            return e
+        stack += [e.__cause__, e.__context__]
+        if isinstance(e, CheckpointException):
+            stack += [failure[0] for failure in e.failures.values()]
+    return None
+
+
+def _no_space_left(path: str) -> bool:
+    """Whether the file system of ``path`` is full. Asked after a write failed: torch's and megatron's
+    writers report a full disk as a RuntimeError without its errno (torch's "unexpected pos", megatron's
+    "Local worker 0 encountered an error"). A write that fails for want of space has filled the disk to
+    the last block, and the failed save's files are still there when this is asked. (A quota, which
+    statvfs does not see, gets the writer's own words instead.)"""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < FULL_BELOW_BYTES
+
+
+def _save_failure(error: BaseException, final_dir: str) -> UsageError | None:
+    """One line for a save that the file system refused; None for anything else (a bug keeps its traceback)."""
+    os_error = _os_error(error)
+    if (os_error is None and isinstance(error, (RuntimeError, CheckpointException))
+            and _no_space_left(os.path.dirname(os.path.abspath(final_dir)))):
+        os_error = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    if os_error is not None:
+        where = os.path.dirname(os.path.abspath(final_dir))
+        if os_error.errno == errno.ENOSPC:
+            reason = f"no space left on device in {where}"
+        elif os_error.errno == errno.EDQUOT:
+            reason = f"disk quota exceeded in {where}"
+        else:
+            reason = (os_error.strerror or str(os_error)) + (f": {os_error.filename}" if os_error.filename else "")
+        return _SaveFailed(f"cannot save {final_dir}: {reason}")
+    if isinstance(error, CheckpointException):  # megatron raises it on every rank; the reasons reach rank 0 only
+        reason = _reason(error) if error.failures else "a rank could not write its part (see rank 0's message)"
+        return _SaveFailed(f"cannot save {final_dir}: {reason}")
+    return None
+
+
+@contextlib.contextmanager
+def _writer_errors_unlogged():
+    """megatron logs a writer's failure (twice, at ERROR) before raising it; the save raises it as one line."""
+    logger = logging.getLogger("megatron.core.dist_checkpointing")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def _save_phase(final_dir: str):
+    """One step of a collective save. Every rank stops at its end when any rank failed in it
+    (parallel.fail_together: no rank is left waiting in a collective the others will not join), and a
+    file system error becomes one line naming the checkpoint."""
+    with parallel.fail_together():
+        try:
+            with _writer_errors_unlogged():
+                yield
+        except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
+            failure = _save_failure(e, final_dir)
+            if failure is None:
+                raise
+            raise failure from e
+
+
+@contextlib.contextmanager
+def _atomic_save(final_dir: str, subdirs: tuple[str, ...]):
+    """Yield the hidden directory that a collective save writes into (made by rank 0, with ``subdirs``);
+    the body ends with _seal. When any rank fails, rank 0 removes the directory and every rank raises:
+    one line for a file system error (_SaveFailed), the error itself for a bug. Nothing partial is
+    left, and no earlier checkpoint or `latest` is touched."""
     _write_results_in_process()
     tmp = partial_dir(final_dir)
-    if is_main():
-        os.makedirs(os.path.dirname(tmp), exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        for sub in ("",) + tuple(subdirs):
-            os.makedirs(os.path.join(tmp, sub), exist_ok=True)
-    _barrier()
-    return tmp
+    try:
+        with _save_phase(final_dir):
+            if is_main():
+                os.makedirs(os.path.dirname(tmp), exist_ok=True)
+                shutil.rmtree(tmp, ignore_errors=True)
+                for sub in ("",) + tuple(subdirs):
+                    os.makedirs(os.path.join(tmp, sub), exist_ok=True)
+        yield tmp
+    except BaseException as e:
+        if is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, UsageError) and not isinstance(e, _SaveFailed):  # e.g. fail_together's word from another rank
+            raise _SaveFailed(f"cannot save {final_dir}: {e}") from e
+        raise
 
 
-def finish_save(tmp: str, final_dir: str, meta: dict, tokenizer_file: str | None = None) -> None:
-    """Write the metadata last, then swap the finished directory into place (rank 0).
+def _owner(relpath: str) -> int:
+    match = _SHARD_OWNER.search(relpath) or _RANK_FILE_OWNER.match(relpath)
+    return int(match.group(1)) if match else 0
+
+
+def _mine(relpaths, rank: int, world: int) -> list[str]:
+    """The files this rank hashes: those the rank of its number wrote (rank 0 also those of ranks the
+    world no longer has), so the reading is spread over the ranks as the writing was and, at save time,
+    each reads what its own node just wrote."""
+    return [rel for rel in relpaths if _owner(rel) % world == rank]
+
+
+def _files(directory: str) -> list[str]:
+    """Every file under ``directory`` but the manifest, relative, with "/" separators."""
+    found = []
+    for dirpath, _, names in os.walk(directory):
+        for name in names:
+            rel = os.path.relpath(os.path.join(dirpath, name), directory).replace(os.sep, "/")
+            if rel != MANIFEST:
+                found.append(rel)
+    return sorted(found)
+
+
+def _seal(tmp: str, final_dir: str, meta: dict, tokenizer_file: str | None) -> None:
+    """Finish a save (collective): the metadata, then the manifest, then the rename into place (rank 0).
 
     ``tokenizer_file``: a sentencepiece file or an HF tokenizer directory, copied in (data.copy_tokenizer)
     and recorded in the metadata by its name inside the checkpoint.
     """
-    _barrier()
-    if is_main():
-        if tokenizer_file:
-            meta = {**meta, "tokenizer": copy_tokenizer(tokenizer_file, tmp)}
-        write_json_atomic(os.path.join(tmp, META), meta)
-        replace_dir(tmp, final_dir)
-    _barrier()
+    with _save_phase(final_dir):
+        if is_main():
+            if tokenizer_file:
+                meta = {**meta, "tokenizer": copy_tokenizer(tokenizer_file, tmp)}
+            write_json_atomic(os.path.join(tmp, META), {**meta, "manifest": MANIFEST})
+    with _save_phase(final_dir):
+        rank, world = _rank_world()
+        digests = {rel: {"bytes": os.path.getsize(os.path.join(tmp, rel)), "sha256": sha256_file(os.path.join(tmp, rel))}
+                   for rel in _mine(_files(tmp), rank, world)}
+    files = {rel: entry for part in _gather(digests) for rel, entry in part.items()}
+    with _save_phase(final_dir):
+        if is_main():
+            write_json_atomic(os.path.join(tmp, MANIFEST), {"hash": "sha256", "files": dict(sorted(files.items()))})
+            replace_dir(tmp, final_dir)
 
 
 def save_model(model, directory: str, meta: dict | None = None, tokenizer_file: str | None = None) -> None:
     """Save just the model (a converted or final checkpoint). Collective: every rank calls it."""
-    tmp = begin_save(directory, subdirs=("model",))
-    dist_checkpointing.save(model.sharded_state_dict(), os.path.join(tmp, "model"))
-    finish_save(tmp, directory, meta if meta is not None else model_meta(model), tokenizer_file)
+    with _atomic_save(directory, ("model",)) as tmp:
+        with _save_phase(directory):
+            dist_checkpointing.save(model.sharded_state_dict(), os.path.join(tmp, "model"))
+        _seal(tmp, directory, meta if meta is not None else model_meta(model), tokenizer_file)
 
 
 def _read_json(directory: str, name: str, kind: str) -> dict:
     path = os.path.join(directory, name)
     if not os.path.isfile(path):
         raise UsageError(f"not a {kind} (no {name}): {directory}")
-    with open(path) as f:
-        return json.load(f)
+    problem, value = _json_object(path)
+    if problem:
+        raise UsageError(problem)
+    return value
+
+
+def _json_object(path: str) -> tuple[str | None, dict | None]:
+    """(what is wrong with the JSON object in ``path``, or None; the object)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except FileNotFoundError:
+        return f"{path} is missing", None
+    except (OSError, ValueError) as e:  # ValueError: JSON and UTF-8 decoding
+        return f"{path} is corrupt: not readable as JSON ({str(e).splitlines()[0] if str(e) else type(e).__name__})", None
+    if not isinstance(value, dict):
+        return f"{path} is corrupt: not a JSON object", None
+    return None, value
+
+
+def _reason(error: BaseException) -> str:
+    """The first line of what went wrong, looking through torch's CheckpointException to a rank's error."""
+    if isinstance(error, CheckpointException) and error.failures:
+        error = next(iter(error.failures.values()))[0]
+    while isinstance(error.__cause__, BaseException) and not str(error):
+        error = error.__cause__
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+
+
+@contextlib.contextmanager
+def _one_line_load_errors(what: str):
+    """A load that fails (a truncated or damaged file that no manifest caught, an older format) ends in
+    one line naming ``what`` rather than a traceback."""
+    try:
+        yield
+    except UsageError:
+        raise
+    except (Exception, CheckpointException) as e:
+        raise UsageError(f"cannot load {what}: {_reason(e)}") from e
 
 
 def read_meta(directory: str) -> dict:
@@ -168,8 +368,9 @@ def load_model(model, directory: str) -> None:
     """
     read_meta(directory)
     with trusted_extra_state():
-        state, checkpoint_only, model_only = dist_checkpointing.load(
-            model.sharded_state_dict(), os.path.join(directory, "model"), strict=StrictHandling.RETURN_ALL)
+        with _one_line_load_errors(os.path.join(directory, "model")):
+            state, checkpoint_only, model_only = dist_checkpointing.load(
+                model.sharded_state_dict(), os.path.join(directory, "model"), strict=StrictHandling.RETURN_ALL)
         _refuse_mismatch(directory, checkpoint_only, model_only)
         result = model.load_state_dict(state, strict=False)
     _refuse_mismatch(directory, result.unexpected_keys, result.missing_keys)
@@ -193,16 +394,19 @@ def build_from_checkpoint(directory: str, backend: str | None = None, rope_overr
 
 # ----------------------------------------------------------------------------------------------- training
 # A training run's checkpoint.dir:
-#     step_0000100/      one checkpoint: the model directory above (megarope.json, model/), plus
+#     step_0000100/      one checkpoint: the model directory above (megarope.json, model/, manifest.json), plus
 #         optimizer/       dist_checkpointing of the optimizer's sharded state (any layout reads it)
 #         rank/            rank_00000.pt ...: each rank's RNG states (torch, CUDA, python, numpy)
-#         train_state.json step, consumed samples, scheduler, NaN skips, the config, the layout
+#         train_state.json step, consumed samples, scheduler, NaN skips, the config, the layout, the data's fingerprint
 #     latest             the name of the newest complete checkpoint, replaced atomically after it exists
 #     .step_0000200.partial/   a save in progress (or one killed mid-way): never read, removed on start
+#     .lock              held (flock) by the run that uses the directory: see run_lock
 # A step directory is a model checkpoint too: evaluation and init.from read it like any other.
 
 LATEST = "latest"
 TRAIN_STATE = "train_state.json"
+LOCK = ".lock"
+ON_CORRUPT = ("error", "previous")
 _STEP_DIR = re.compile(r"^step_(\d{7,})$")
 
 
@@ -223,22 +427,188 @@ def training_checkpoints(root: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def latest_checkpoint(root: str) -> str | None:
-    """The checkpoint that ``root/latest`` names; without that file, the newest complete step directory."""
+def _pointer(root: str) -> tuple[str | None, str | None]:
+    """(the step directory ``root/latest`` names, the problem with it): (None, None) without the file.
+    A pointer to a step that is gone or incomplete gives both (the path and why it is no checkpoint)."""
     pointer = os.path.join(root, LATEST)
-    if os.path.isfile(pointer):
-        with open(pointer) as f:
+    if not os.path.isfile(pointer):
+        return None, None
+    try:
+        with open(pointer, encoding="utf-8") as f:
             name = f.read().strip()
-        path = os.path.join(root, name)
-        if not (_STEP_DIR.match(name) and os.path.isfile(os.path.join(path, TRAIN_STATE))):
-            raise UsageError(f"{pointer} names {name!r}, which is not a complete checkpoint")
+    except (OSError, ValueError) as e:
+        return None, f"{pointer} is unreadable ({e})"
+    if not _STEP_DIR.match(name):
+        return None, f"{pointer} names {name[:40]!r}, which is not a complete checkpoint"
+    path = os.path.join(root, name)
+    missing = [f for f in (META, TRAIN_STATE) if not os.path.isfile(os.path.join(path, f))]
+    if missing:
+        why = "no such directory" if not os.path.isdir(path) else "no " + " and no ".join(missing)
+        return path, f"{pointer} names {name!r}, which is not a complete checkpoint ({why})"
+    return path, None
+
+
+def latest_checkpoint(root: str) -> str | None:
+    """The checkpoint that ``root/latest`` names; without that file, the newest complete step directory.
+    Neither reads nor verifies its files (resume_point does)."""
+    path, problem = _pointer(root)
+    if problem:
+        raise UsageError(problem)
+    if path:
         return path
     found = training_checkpoints(root)
     return found[-1][1] if found else None
 
 
+# ----------------------------------------------------------------------------------------------- verifying
+def _manifest(directory: str) -> tuple[str | None, dict | None]:
+    """(the problem, the manifest's files). Files None: a checkpoint saved before manifests, whose
+    megarope.json and train_state.json are then only checked to be JSON."""
+    path = os.path.join(directory, MANIFEST)
+    if os.path.isfile(path):
+        problem, manifest = _json_object(path)
+        if problem:
+            return problem, None
+        files = manifest.get("files")
+        if not (isinstance(files, dict) and all(isinstance(e, dict) and isinstance(e.get("bytes"), int)
+                                                and isinstance(e.get("sha256"), str) for e in files.values())):
+            return f"{path} is corrupt: not the manifest a save writes", None
+        return None, files
+    problem, meta = _json_object(os.path.join(directory, META))
+    if problem:
+        return problem, None
+    if meta.get("manifest"):
+        return f"{path} is missing (its {META} says the save wrote one)", None
+    state_path = os.path.join(directory, TRAIN_STATE)
+    return (_json_object(state_path)[0] if os.path.exists(state_path) else None), None
+
+
+def _check_file(directory: str, rel: str, entry: dict) -> str | None:
+    path = os.path.join(directory, rel)
+    try:
+        size = os.path.getsize(path)
+        if size != entry["bytes"]:
+            return f"{path} is corrupt: {size:,} bytes, {entry['bytes']:,} when it was saved"
+        if sha256_file(path) != entry["sha256"]:
+            return f"{path} is corrupt: its contents changed since it was saved (SHA-256 differs)"
+    except FileNotFoundError:
+        return f"{path} is missing"
+    except OSError as e:
+        return f"{path} cannot be read ({e.strerror})"
+    return None
+
+
+def verify_checkpoint(directory: str) -> str | None:
+    """What is wrong with a checkpoint, in one line naming the file, or None when every file is as its
+    save wrote it (size and SHA-256, as manifest.json records them). Collective, and every rank gets the
+    same answer: each rank checks the files that the rank of its number wrote (_mine), so a resume reads
+    the checkpoint once more, spread over the job. Sizes alone would catch truncation but not a damaged
+    block; a load error alone would miss damage inside tensor data, which loads without complaint.
+    Files the manifest does not list (added later) are not checked.
+    """
+    problem, files = _manifest(directory)
+    rank, world = _rank_world()
+    mine = None
+    if problem is None and files is not None:
+        mine = next(filter(None, (_check_file(directory, rel, files[rel]) for rel in _mine(files, rank, world))), None)
+    found = [p for p in _gather(mine) if p]
+    return problem or (found[0] if found else None)
+
+
+def resume_point(root: str, on_corrupt: str = "error") -> tuple[str | None, list[str]]:
+    """The checkpoint a run in ``root`` resumes from (None: none yet), verified, and what was skipped on
+    the way. Collective: every rank gets the same answer (or the same error).
+
+    The candidate is the one `latest` names, else the newest complete step directory. When `latest`
+    names no complete checkpoint, or the candidate fails verify_checkpoint: with ``on_corrupt``
+    "error" (the default) one line names the file; with "previous" the reason is noted and the next
+    older complete checkpoint is tried, and only when none is intact does it raise, rather than start
+    over beside checkpoints that exist.
+    """
+    if on_corrupt not in ON_CORRUPT:
+        raise ValueError(f"on_corrupt must be one of {ON_CORRUPT}, got {on_corrupt!r}")
+    hint = "checkpoint.on_corrupt=previous resumes from the newest intact checkpoint before it"
+    skipped = []
+    candidates = [path for _, path in reversed(training_checkpoints(root))]
+    named, problem = _pointer(root)
+    if problem:
+        if on_corrupt == "error":
+            raise UsageError(f"{problem}; {hint}")
+        skipped.append(problem)
+    if named:  # the step `latest` names (when complete), then the ones before it
+        candidates = ([] if problem else [named]) + [path for path in candidates if _step_of(path) < _step_of(named)]
+    for path in candidates:
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path, skipped
+        if on_corrupt == "error":
+            raise UsageError(f"{problem}; {path} cannot be resumed from ({hint})")
+        skipped.append(problem)
+    if skipped:
+        raise UsageError(f"no intact checkpoint to resume from in {root}: {'; '.join(skipped)}")
+    return None, []
+
+
+def _step_of(path: str) -> int:
+    return int(_STEP_DIR.match(os.path.basename(path)).group(1))
+
+
+# ----------------------------------------------------------------------------------------------- one run at a time
+@contextlib.contextmanager
+def run_lock(root: str):
+    """Hold ``root`` (a checkpoint.dir, made if missing) for one run: while it is held, a second run on
+    the same directory is refused with one line, before it reads or writes anything there (it would
+    delete the first run's save in progress, cut its metrics and race its checkpoints). Collective:
+    rank 0 takes the lock and the refusal reaches every rank (parallel.fail_together).
+
+    Why fcntl.flock on root/.lock: the kernel releases it when the process ends however it ends
+    (SIGKILL, an out-of-memory kill, a crash), so a dead run never leaves a stale lock for a person to
+    clean up, as a PID file would. The file stays (deleting it would let two runs lock two different
+    files); it names its holder for the refusal. Across machines it holds where the file system
+    supports flock: Linux's NFS client turns it into NFS locks (NFSv4, or v3 with lockd), Lustre only
+    when mounted with -o flock (with -o localflock it holds per node only), GPFS and local disks
+    always. Where the file system refuses flock, the run warns in one line and goes on unlocked.
+    """
+    handle = None
+    with parallel.fail_together():
+        if is_main():
+            handle = _take_lock(root)
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.close()  # releases the lock
+
+
+def _take_lock(root: str):
+    os.makedirs(root, exist_ok=True)
+    path = os.path.join(root, LOCK)
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "a process"
+        handle.close()
+        raise UsageError(f"{root} is in use by another run ({holder} holds {path}); wait for it to end, "
+                         f"or give this run another checkpoint.dir") from None
+    except OSError as e:
+        print(f"megarope: warning: cannot lock {path} ({e.strerror}): nothing stops a second run on {root}",
+              file=sys.stderr, flush=True)
+        return handle
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        handle.flush()
+    except OSError:
+        pass  # who holds it is for the message only (a full disk must not stop the run here)
+    return handle
+
+
+# ----------------------------------------------------------------------------------------------- training saves
 def remove_partial_saves(root: str) -> list[str]:
-    """Delete what interrupted saves left behind (rank 0, before the first save of a run)."""
+    """Delete what interrupted saves left behind (rank 0, before the first save of a run, holding run_lock)."""
     removed = []
     if is_main() and os.path.isdir(root):
         for name in os.listdir(root):
@@ -287,24 +657,29 @@ def save_training(root: str, step: int, model, optimizer, state: dict, rank_stat
     is_loading, metadata=...)``, called with ``optimizer_metadata`` (recorded in train_state.json,
     and used again by load_training); ``state`` (JSON-ready, the same on every rank) is written by
     rank 0; ``rank_state`` (anything torch.save takes) by each rank.
+
+    A save that the file system refuses on any rank (no space left, a quota, an I/O error) raises
+    UsageError on every rank, one line naming the checkpoint and why; the partial directory is gone
+    and `latest` still names the previous checkpoint, intact.
     """
     final = step_dir(root, step)
     optimizer_metadata = dict(optimizer_metadata or {})
-    tmp = begin_save(final, subdirs=("model", "optimizer", "rank"))
-    model_sd = _sharded_model_state(model)
-    optimizer_sd = optimizer.sharded_state_dict(model_sd, is_loading=False, metadata=optimizer_metadata)
-    dist_checkpointing.save(model_sd, os.path.join(tmp, "model"))
-    dist_checkpointing.save(optimizer_sd, os.path.join(tmp, "optimizer"))
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    torch.save(rank_state, os.path.join(tmp, "rank", f"rank_{rank:05d}.pt"))
-    if is_main():
-        write_json_atomic(os.path.join(tmp, TRAIN_STATE),
-                          {**state, "step": step, "optimizer_metadata": optimizer_metadata})
-    finish_save(tmp, final, meta, tokenizer_file)  # metadata last, then the rename (rank 0), barriers
-    if is_main():
-        _write_latest(root, os.path.basename(final))
-        _prune(root, step, keep)
-    _barrier()
+    with _atomic_save(final, ("model", "optimizer", "rank")) as tmp:
+        with _save_phase(final):
+            model_sd = _sharded_model_state(model)
+            optimizer_sd = optimizer.sharded_state_dict(model_sd, is_loading=False, metadata=optimizer_metadata)
+            dist_checkpointing.save(model_sd, os.path.join(tmp, "model"))
+            dist_checkpointing.save(optimizer_sd, os.path.join(tmp, "optimizer"))
+            rank = dist.get_rank() if dist.is_initialized() else 0
+            torch.save(rank_state, os.path.join(tmp, "rank", f"rank_{rank:05d}.pt"))
+            if is_main():
+                write_json_atomic(os.path.join(tmp, TRAIN_STATE),
+                                  {**state, "step": step, "optimizer_metadata": optimizer_metadata})
+        _seal(tmp, final, meta, tokenizer_file)  # metadata, manifest, then the rename (rank 0)
+    with _save_phase(final):
+        if is_main():
+            _write_latest(root, os.path.basename(final))
+            _prune(root, step, keep)
     return final
 
 
@@ -317,7 +692,8 @@ def load_training(directory: str, model, optimizer) -> tuple[dict, dict | None]:
     (collective), the optimizer in the format its train_state.json records.
 
     Returns the train state (see save_training) and this rank's rank_state, or None when the
-    checkpoint was written by fewer ranks than this run has.
+    checkpoint was written by fewer ranks than this run has. A file that cannot be loaded raises
+    UsageError naming it (verify_checkpoint, run first, catches what its manifest can).
     """
     state = read_train_state(directory)
     for chunk in _chunks(model):
@@ -325,8 +701,12 @@ def load_training(directory: str, model, optimizer) -> tuple[dict, dict | None]:
     model_sd = _sharded_model_state(model)
     optimizer_sd = optimizer.sharded_state_dict(model_sd, is_loading=True,
                                                 metadata=dict(state.get("optimizer_metadata") or {}))
-    optimizer.load_state_dict(dist_checkpointing.load(optimizer_sd, os.path.join(directory, "optimizer")))
+    with _one_line_load_errors(os.path.join(directory, "optimizer")):
+        optimizer.load_state_dict(dist_checkpointing.load(optimizer_sd, os.path.join(directory, "optimizer")))
     rank = dist.get_rank() if dist.is_initialized() else 0
     path = os.path.join(directory, "rank", f"rank_{rank:05d}.pt")
-    rank_state = torch.load(path, weights_only=False) if os.path.isfile(path) else None
+    rank_state = None
+    if os.path.isfile(path):
+        with _one_line_load_errors(path):
+            rank_state = torch.load(path, weights_only=False)
     return state, rank_state

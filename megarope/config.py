@@ -176,6 +176,10 @@ class CheckpointSection(_Section):
     """Save every this many steps (and always at the end); 0: only at the end."""
     keep: int = Field(3, ge=1)
     """Keep the last this many checkpoints."""
+    on_corrupt: Literal["error", "previous"] = "error"
+    """When the checkpoint to resume from is damaged (a file's size or SHA-256 differs from its save's
+    manifest, or `latest` names no complete checkpoint): "error" stops with one line naming the file;
+    "previous" says which checkpoint it skips and why, and resumes from the newest intact one before it."""
 
 
 class LogSection(_Section):

@@ -37,7 +37,7 @@ from megatron.core.tokenizers import MegatronTokenizerBase
 from tqdm import tqdm
 
 from megarope.errors import UsageError
-from megarope.files import atomic_files
+from megarope.files import atomic_files, sha256_file
 
 TEXT_SUFFIXES = (".txt",)
 # What an HF tokenizer directory holds (a model directory holds these next to its weights).
@@ -478,6 +478,23 @@ def build_gpt_dataset(paths_and_weights, seq_len: int, num_samples: int | None, 
         # indices; with it, megatron builds on rank 0 first, then the other ranks read the cache
         datasets = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
     return datasets[split.value]
+
+
+def fingerprint(paths_and_weights: Sequence[tuple[str, float]]) -> list[dict]:
+    """What identifies a run's training data, per (prefix, weight): the SHA-256 of prefix.idx and the
+    size of prefix.bin. A training checkpoint records it and a resume compares (train.check_data).
+
+    Why these: the .idx holds every document's length and offset (about 20 bytes a document), so
+    documents added, removed, reordered or tokenized differently change it, and it is small enough to
+    hash at every start; the .bin's size catches tokens appended or cut. Hashing the .bin as well would
+    read the whole corpus (terabytes) at every start and save. Size and modification time alone would
+    be cheaper but fragile both ways: a copy or a restore from backup changes the mtime of unchanged
+    data (a refusal for nothing), and a rewrite within the same second keeps it. What this misses:
+    tokens changed in place with every length kept. The prefix's path is recorded but not compared:
+    data moved elsewhere is the same data.
+    """
+    return [{"prefix": os.path.abspath(prefix), "weight": float(weight), "idx_sha256": sha256_file(prefix + ".idx"),
+             "bin_bytes": os.path.getsize(prefix + ".bin")} for prefix, weight in paths_and_weights]
 
 
 # ----------------------------------------------------------------------------------------------- corpora

@@ -3,11 +3,13 @@
 Every file megarope writes for a user goes through here: JSON results and metadata, indexed
 datasets, figures, converted and trained checkpoints. Each is written beside its final path under a
 temporary name and renamed into place only when complete; on failure the temporary is removed.
+And the digest that tells later whether a file is still what was written (sha256_file).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -96,3 +98,15 @@ def atomic_dir(final_dir: str) -> Iterator[str]:
         replace_dir(tmp, final_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def sha256_file(path: str) -> str:
+    """The SHA-256 of a file's contents, hex.
+
+    Why SHA-256 rather than a faster checksum: with the CPU's SHA extensions it hashes about 1.4 GB/s
+    per core (docs/benchmarks.md), 0.55x the speed of CRC32 but faster than BLAKE2b, it is in the
+    standard library (hashlib, which releases the GIL while hashing), and unlike a 32-bit checksum it
+    lets no damage through by chance, however the damage is patterned.
+    """
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()

@@ -24,6 +24,12 @@ small adapter on a CPU. Both save their state through dist_checkpointing.
 Checkpoints go to checkpoint.dir (see checkpoint.save_training); a run whose checkpoint.dir holds one
 resumes from it exactly (model, optimizer, scheduler, data position, RNG states). SIGTERM and SIGUSR1
 save at the end of the current step and end the run with status 0.
+
+What a run refuses, in one line on every rank, before it changes anything: a checkpoint.dir that
+another run holds (checkpoint.run_lock), a checkpoint whose files are not as saved
+(checkpoint.resume_point; checkpoint.on_corrupt: previous takes the one before), training data that
+changed since the checkpoint (check_data). A save that fails (a full disk) stops the run with one
+line and loses no earlier checkpoint.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megarope import checkpoint, compat, config as configuration, lineage, parallel
+from megarope import checkpoint, compat, config as configuration, data, lineage, parallel
 from megarope.errors import UsageError
 from megarope.files import atomic_files
 from megarope.memory import model_parameters
@@ -385,18 +391,36 @@ class Trainer:
         self.cfg, self.layout, self.dtype, self.progress = cfg, layout, dtype, progress
         self.root = cfg.checkpoint.dir
         self.dp_rank = parallel_state.get_data_parallel_rank()
+        # What can be checked without reading or writing checkpoint.dir; the checkpoint to resume from is
+        # chosen once the run holds the directory (find_resume_point).
         with parallel.fail_together():
-            self.resume_dir = checkpoint.latest_checkpoint(self.root)
-            self.preset, self.preset_name, self.tokenizer = _resolve_model_and_tokenizer(cfg, self.resume_dir)
+            self.preset, self.preset_name, self.tokenizer = _resolve_model_and_tokenizer(cfg)
             check_layout(cfg, self.preset, layout)
-            if self.resume_dir:
-                check_resume(cfg, self.resume_dir, self._precision(), layout)
-            # the pretraining this run descends from (the resumed run's, else init.from's), carried forward
-            parent = self.resume_dir or cfg.init.from_
-            self.lineage = lineage.training_lineage(checkpoint.read_meta(parent) if parent else None,
-                                                    cfg.rope.base, cfg.train.seq_len)
             self.sources = _data_prefixes(cfg, self.tokenizer)
+            self.data_fingerprint = data.fingerprint(self.sources) if parallel.is_main() else None
+        self.resume_dir, self.saved_at = None, None
+        self.lineage = self._lineage()
         self.num_micro = cfg.train.global_batch // (cfg.train.micro_batch * layout.dp)
+
+    def _lineage(self) -> lineage.Lineage:
+        """The pretraining this run descends from (the resumed run's, else init.from's), carried forward."""
+        parent = self.resume_dir or self.cfg.init.from_
+        return lineage.training_lineage(checkpoint.read_meta(parent) if parent else None,
+                                        self.cfg.rope.base, self.cfg.train.seq_len)
+
+    def find_resume_point(self) -> list[str]:
+        """Choose the checkpoint to resume from (verified; checkpoint.on_corrupt decides whether a damaged
+        one stops the run or the one before it is taken) and check that this run continues it. Returns
+        what was skipped and why. Collective; the run holds checkpoint.dir by now."""
+        cfg = self.cfg
+        self.resume_dir, skipped = checkpoint.resume_point(self.root, cfg.checkpoint.on_corrupt)
+        if self.resume_dir:
+            check_same_model(self.resume_dir, self.preset, self.preset_name)
+            check_resume(cfg, self.resume_dir, self._precision(), self.layout)
+            check_data(self.resume_dir, self.data_fingerprint)
+        self.saved_at = self.resume_dir
+        self.lineage = self._lineage()
+        return skipped
 
     def _precision(self) -> dict:
         """What a resume must not change: the backend and the numerics."""
@@ -410,7 +434,6 @@ class Trainer:
                                                finalize_model_grads)
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        from megarope import data
         from megarope.model import build_model_chunks
         from megarope.rope import RopeConfig
 
@@ -502,16 +525,25 @@ class Trainer:
                                      lineage=self.lineage.to_dict())
 
     def save(self, state: TrainState) -> str:
+        """Save a checkpoint of ``state``. A save that fails (a full disk) ends the run: every rank raises
+        one line naming the checkpoint, why, and the checkpoint that a rerun resumes from, which the
+        failed save left as it was (and metrics.jsonl keeps every line written)."""
         cfg, layout = self.cfg, self.layout
         train_state = {"consumed_samples": state.consumed_samples, "tokens": state.consumed_samples * cfg.train.seq_len,
                        "nan_skips": state.nan_skips, "loss": state.loss, "scheduler": self.scheduler.state_dict(),
                        "optimizer": self.optimizer_kind, "precision": self._precision(),
                        "layout": {"tp": layout.tp, "cp": layout.cp, "pp": layout.pp, "vpp": layout.vpp,
                                   "dp": layout.dp, "world": layout.world},
-                       "config": cfg.to_dict()}
-        return checkpoint.save_training(self.root, state.step, self.chunks, self.optimizer, train_state, _rng_state(),
-                                        self.checkpoint_meta(state), cfg.checkpoint.keep, self.tokenizer.path,
-                                        optimizer_metadata=CHECKPOINT_METADATA)
+                       "data": self.data_fingerprint, "config": cfg.to_dict()}
+        try:
+            self.saved_at = checkpoint.save_training(
+                self.root, state.step, self.chunks, self.optimizer, train_state, _rng_state(),
+                self.checkpoint_meta(state), cfg.checkpoint.keep, self.tokenizer.path,
+                optimizer_metadata=CHECKPOINT_METADATA)
+        except UsageError as e:
+            then = (f"a rerun resumes from {self.saved_at}" if self.saved_at else "no checkpoint was saved before it")
+            raise UsageError(f"{e}; the run stopped after step {state.step} and {then}") from e
+        return self.saved_at
 
     def restore(self) -> tuple[TrainState, str]:
         """The state to start from, and a line saying where training starts."""
@@ -527,6 +559,9 @@ class Trainer:
             state = TrainState(saved["step"], saved["consumed_samples"], saved.get("nan_skips", 0), saved.get("loss"))
             return state, where
         if cfg.init.from_:
+            problem = checkpoint.verify_checkpoint(cfg.init.from_)  # collective: every rank gets the same answer
+            if problem:
+                raise UsageError(f"init.from: {problem}")
             for chunk in self.chunks:
                 checkpoint.load_model(chunk, cfg.init.from_)
             self.optimizer.reload_model_params()  # the optimizer's fp32 masters were copied from random weights
@@ -572,7 +607,7 @@ class Trainer:
         _say("\n".join(lines))
 
     def finish(self, state: TrainState, stopped: str | None, saved_at: str | None) -> dict:
-        saved_at = saved_at or checkpoint.latest_checkpoint(self.root)
+        saved_at = saved_at or self.saved_at  # nothing saved: the checkpoint it resumed from
         if stopped == "signal":
             _say(f"stopped by a signal after step {state.step}; saved {saved_at}. Run the same command to resume.")
         elif stopped == "exit_at_step":
@@ -586,14 +621,21 @@ class Trainer:
 
     # -- the loop
     def train(self) -> dict:
+        """The run, holding checkpoint.dir from its first write to its end (checkpoint.run_lock)."""
+        with checkpoint.run_lock(self.root):  # a second run on this checkpoint.dir stops here
+            return self._train()
+
+    def _train(self) -> dict:
         t = self.cfg.train
         with parallel.fail_together():
+            skipped = self.find_resume_point()
+        with parallel.fail_together():
             self.build()
-        # From here on, files are written.
-        if parallel.is_main():
-            os.makedirs(self.root, exist_ok=True)
         checkpoint.remove_partial_saves(self.root)
-        state, where = self.restore()
+        with parallel.fail_together():  # a rank whose own file fails to load stops them all
+            state, where = self.restore()
+        for problem in skipped:
+            _say(f"checkpoint.on_corrupt=previous: skipped {problem}")
         self.banner(where)
         flops = flops_per_token(self.preset, t.seq_len) * t.global_batch * t.seq_len
         metrics = MetricsWriter(self.cfg, self.root, state.step, flops, _peak_flops(self.cfg, self.dtype),
@@ -670,19 +712,9 @@ def dry_run(cfg: configuration.Config, world: int | None = None) -> tuple[str, s
 
 
 # ----------------------------------------------------------------------------------------------- resolving
-def _resolve_model_and_tokenizer(cfg: configuration.Config, resume_dir: str | None):
-    """(preset, preset name, tokenizer) from the config, init.from's checkpoint and a resumed one."""
-    from megarope import data
-
+def _resolve_model_and_tokenizer(cfg: configuration.Config):
+    """(preset, preset name, tokenizer) from the config and init.from's checkpoint."""
     preset, name = resolve_preset(cfg)
-    if resume_dir:
-        from megarope.model import Preset
-
-        resumed = Preset(**checkpoint.read_meta(resume_dir)["preset"])
-        if resumed != preset:
-            raise UsageError(f"{resume_dir} holds another model than this config's ({name}); "
-                             f"use a new checkpoint.dir")
-
     spec = cfg.data.tokenizer
     if spec is None and cfg.init.from_:
         spec = checkpoint.tokenizer_path(cfg.init.from_)
@@ -720,8 +752,6 @@ def _data_prefixes(cfg: configuration.Config, tokenizer) -> list[tuple[str, floa
     on the host-side group, which a long preparation cannot time out)."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    from megarope import data
-
     sources = cfg.data.sources()
     if cfg.data.path == configuration.AUTO_TOY:
         with parallel.fail_together():  # also the barrier: the others read what rank 0 wrote
@@ -737,6 +767,40 @@ def _data_prefixes(cfg: configuration.Config, tokenizer) -> list[tuple[str, floa
 
 def _layout_text(layout: dict) -> str:
     return "TP {tp} x CP {cp} x PP {pp}".format(**layout) + (f" (VPP {layout['vpp']})" if layout.get("vpp") else "")
+
+
+def check_same_model(resume_dir: str, preset, name: str) -> None:
+    from megarope.model import Preset
+
+    if Preset(**checkpoint.read_meta(resume_dir)["preset"]) != preset:
+        raise UsageError(f"{resume_dir} holds another model than this config's ({name}); use a new checkpoint.dir")
+
+
+def check_data(resume_dir: str, fingerprint: list[dict] | None) -> None:
+    """Refuse to resume on training data that differs from the data the checkpoint was trained on
+    (data.fingerprint, compared source by source; a checkpoint from before fingerprints passes).
+    Another corpus under the same name would silently change the samples every later step reads,
+    and megatron's cached sample index (data.cache_dir) would still describe the old one.
+    ``fingerprint``: this run's (rank 0's; None on the other ranks, which check nothing)."""
+    saved = checkpoint.read_train_state(resume_dir).get("data")
+    if fingerprint is None or saved is None:
+        return
+    hint = f"restore the data, or use a new checkpoint.dir (with init.from={resume_dir} to start from its weights)"
+    if len(saved) != len(fingerprint):
+        raise UsageError(f"the training data changed since {resume_dir} was saved: {len(saved)} source(s) then, "
+                         f"{len(fingerprint)} now; {hint}")
+    for old, new in zip(saved, fingerprint):
+        prefix = new["prefix"]
+        if old["bin_bytes"] != new["bin_bytes"]:
+            what = f"{prefix}.bin is {new['bin_bytes']:,} bytes, {old['bin_bytes']:,} then"
+        elif old["idx_sha256"] != new["idx_sha256"]:
+            what = f"{prefix}.idx differs (documents added, removed, reordered or tokenized differently)"
+        elif old["weight"] != new["weight"]:
+            what = f"the blend weight of {prefix} is {new['weight']:g}, {old['weight']:g} then"
+        else:
+            continue
+        moved = "" if prefix == old["prefix"] else f" (the data was at {old['prefix']} then)"
+        raise UsageError(f"the training data changed since {resume_dir} was saved: {what}{moved}; {hint}")
 
 
 def check_resume(cfg: configuration.Config, resume_dir: str, precision: dict, layout: parallel.Layout) -> None:

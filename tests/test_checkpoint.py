@@ -1,7 +1,15 @@
-"""Loading model checkpoints: across backends (only `_extra_state` may differ), any other mismatch is
-one line, and Transformer Engine's pickled FP8 state is allowed only while megarope loads its own."""
+"""Model checkpoints: loads across backends (only `_extra_state` may differ), any other mismatch is
+one line, Transformer Engine's pickled FP8 state is allowed only while megarope loads its own; the
+manifest every save writes and what verify_checkpoint finds with it; a save the file system refuses;
+the lock that keeps a second run out of a checkpoint.dir."""
 
+import errno
+import hashlib
+import json
 import os
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -94,3 +102,113 @@ def test_unsafe_pickle_is_allowed_only_inside_and_restored_after(monkeypatch, be
         assert os.environ[checkpoint.UNSAFE_PICKLE_ENV] == "1"
         raise RuntimeError("a failed load restores it too")
     assert os.environ.get(checkpoint.UNSAFE_PICKLE_ENV) == before
+
+
+# ----------------------------------------------------------------------------------------------- manifests
+def test_every_save_writes_a_manifest_of_its_files_and_verify_checks_them(world, tmp_path):
+    directory = tmp_path / "ck"
+    checkpoint.save_model(_model(1), str(directory))
+    manifest = json.loads((directory / checkpoint.MANIFEST).read_text())
+    files = {str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file()} - {checkpoint.MANIFEST}
+    assert manifest["hash"] == "sha256" and set(manifest["files"]) == files
+    assert {"megarope.json", "model/.metadata", "model/__0_0.distcp"} <= files
+    assert all(entry["bytes"] == (directory / rel).stat().st_size
+               and entry["sha256"] == hashlib.sha256((directory / rel).read_bytes()).hexdigest()
+               for rel, entry in manifest["files"].items())
+    assert checkpoint.read_meta(str(directory))["manifest"] == checkpoint.MANIFEST
+    assert checkpoint.verify_checkpoint(str(directory)) is None
+
+    shard = directory / "model" / "__0_0.distcp"
+    original = shard.read_bytes()
+    shard.write_bytes(original[:100] + bytes([original[100] ^ 1]) + original[101:])  # same size, one bit
+    assert checkpoint.verify_checkpoint(str(directory)) == \
+        f"{shard} is corrupt: its contents changed since it was saved (SHA-256 differs)"
+    shard.write_bytes(original[:1000])
+    assert checkpoint.verify_checkpoint(str(directory)) == \
+        f"{shard} is corrupt: 1,000 bytes, {len(original):,} when it was saved"
+    shard.unlink()
+    assert checkpoint.verify_checkpoint(str(directory)) == f"{shard} is missing"
+    shard.write_bytes(original)
+    (directory / "notes.txt").write_text("added by hand")  # a file the save did not write is not checked
+    assert checkpoint.verify_checkpoint(str(directory)) is None
+    (directory / checkpoint.MANIFEST).write_text('{"files": {"megarope.json": 3}}')
+    assert checkpoint.verify_checkpoint(str(directory)) == \
+        f"{directory / checkpoint.MANIFEST} is corrupt: not the manifest a save writes"
+
+
+def test_a_checkpoint_saved_before_manifests_has_its_json_checked_only(world, tmp_path):
+    directory = tmp_path / "ck"
+    checkpoint.save_model(_model(1), str(directory))
+    (directory / checkpoint.MANIFEST).unlink()
+    assert checkpoint.verify_checkpoint(str(directory)) == \
+        f"{directory / checkpoint.MANIFEST} is missing (its megarope.json says the save wrote one)"
+    meta = checkpoint.read_meta(str(directory))
+    del meta["manifest"]
+    (directory / checkpoint.META).write_text(json.dumps(meta))
+    assert checkpoint.verify_checkpoint(str(directory)) is None
+    (directory / checkpoint.META).write_text('{"preset": ')
+    problem = checkpoint.verify_checkpoint(str(directory))
+    assert problem.startswith(f"{directory / checkpoint.META} is corrupt: not readable as JSON")
+    with pytest.raises(UsageError, match="megarope.json is corrupt: not readable as JSON"):
+        checkpoint.read_meta(str(directory))  # one line for every reader, not a JSONDecodeError
+
+
+def test_a_save_the_file_system_refuses_is_one_line_and_leaves_the_old_checkpoint(world, tmp_path, monkeypatch):
+    """Saving over an existing checkpoint when the file system fails mid-way (here EIO from the shard
+    writer): one line naming the checkpoint and the error, the old checkpoint intact, nothing partial."""
+    directory = tmp_path / "ck"
+    old = _model(1)
+    checkpoint.save_model(old, str(directory))
+
+    def failing_save(state, path, *args, **kwargs):
+        raise OSError(errno.EIO, os.strerror(errno.EIO), os.path.join(path, "__0_0.distcp"))
+
+    monkeypatch.setattr(checkpoint.dist_checkpointing, "save", failing_save)
+    with pytest.raises(UsageError) as error:
+        checkpoint.save_model(_model(2), str(directory))
+    assert str(error.value) == f"cannot save {directory}: Input/output error: " \
+                               f"{checkpoint.partial_dir(str(directory))}/model/__0_0.distcp"
+    assert sorted(os.listdir(tmp_path)) == ["ck"]  # no .ck.partial
+    assert checkpoint.verify_checkpoint(str(directory)) is None
+    monkeypatch.undo()
+    again = _model(3)
+    checkpoint.load_model(again, str(directory))
+    assert _same_weights(old, again)
+
+
+# ----------------------------------------------------------------------------------------------- the lock
+HOLD_THE_LOCK = """
+import sys, time
+from megarope import checkpoint
+with checkpoint.run_lock(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_one_run_at_a_time_and_a_killed_holder_leaves_no_stale_lock(tmp_path):
+    root = tmp_path / "run"
+    with checkpoint.run_lock(str(root)):
+        holder = (root / checkpoint.LOCK).read_text()
+        assert holder.startswith(f"pid {os.getpid()} on ")
+        with pytest.raises(UsageError) as error, checkpoint.run_lock(str(root)):
+            pass
+        message = str(error.value)
+        assert message == (f"{root} is in use by another run ({holder.strip()} holds {root / checkpoint.LOCK}); "
+                           f"wait for it to end, or give this run another checkpoint.dir")
+    with checkpoint.run_lock(str(root)):  # released at the end of the first
+        pass
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))), os.environ.get("PYTHONPATH")) if p)}
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_THE_LOCK, str(root)], env=env, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline() == "held\n"
+        with pytest.raises(UsageError, match=f"pid {proc.pid} on "), checkpoint.run_lock(str(root)):
+            pass
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    with checkpoint.run_lock(str(root)):  # the kernel let go of it with the process: nothing stale
+        assert (root / checkpoint.LOCK).read_text().startswith(f"pid {os.getpid()} on ")

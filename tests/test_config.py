@@ -32,12 +32,14 @@ def test_defaults_and_the_required_dotted_keys_exist():
                                 "train.lr", "train.min_lr", "train.warmup_steps", "train.weight_decay",
                                 "train.clip_grad", "train.seed", "train.dtype", "train.recompute", "train.fp8",
                                 "train.fp8_recipe", "train.max_nan_skips", "data.tokenizer", "data.blend",
-                                "checkpoint.keep", "log.tensorboard", "log.every"]:
+                                "checkpoint.keep", "checkpoint.on_corrupt", "log.tensorboard", "log.every"]:
         section, leaf = key.split(".")
         assert leaf in flat[section], key
     assert cfg.init.from_ is None and flat["init"] == {"from": None}
     assert (cfg.parallel.tp, cfg.parallel.cp, cfg.train.dtype, cfg.model.backend) == (1, 1, "auto", "local")
     assert (cfg.parallel.pp, cfg.parallel.vpp, cfg.parallel.gpu_memory_gb) == (1, None, 80.0)
+    assert cfg.checkpoint.on_corrupt == "error"  # a damaged checkpoint stops the run unless the user says otherwise
+    assert load_config(None, ["data.path=p", "checkpoint.on_corrupt=previous"]).checkpoint.on_corrupt == "previous"
 
 
 def test_rope_section_has_exactly_the_fields_of_rope_config():
@@ -94,6 +96,7 @@ def test_blend_is_weight_prefix_pairs():
     (["data.path=p", "train.steps=10", "train.warmup_steps=10"], "warmup_steps (10)"),
     (["data.path=p", "train.lr=1e-5", "train.min_lr=1e-4"], "min_lr"),
     (["data.path=p", "checkpoint.keep=0"], "checkpoint.keep"),
+    (["data.path=p", "checkpoint.on_corrupt=skip"], "checkpoint.on_corrupt"),
     (["data.path"], "dotted.key=value"),
     (["=3"], "dotted.key=value"),
     (["data..path=3"], "dotted.key=value"),
