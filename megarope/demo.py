@@ -10,7 +10,7 @@
    the bound is the tuning length).
 4. Evaluate each continued model at 128, 256, ... 8K tokens (one read of each document: causal
    attention makes the shorter lengths prefixes of it), and put the scaling law's predicted bound
-   next to the measured break point (megarope.evaluate.measured_break).
+   next to the measured break point (megarope.eval.metrics.measured_break).
 
 Each phase is a checkpoint directory under --out; a rerun skips every phase whose checkpoint is
 complete, so a second `make demo` only re-evaluates and reprints.
@@ -86,7 +86,8 @@ def run(out: str = "runs/demo", quick: bool = False, budget: Budget | None = Non
 
     ``budget`` and ``eval_len`` shrink it further (the test suite runs a seconds-scale version).
     """
-    from megarope import data, evaluate
+    from megarope import data
+    from megarope.eval import metrics, perplexity
 
     budget = budget or (QUICK if quick else FULL)
     data_dir = os.path.join(out, "data")  # shared by the full and the quick demo
@@ -113,13 +114,13 @@ def run(out: str = "runs/demo", quick: bool = False, budget: Budget | None = Non
     t = time.perf_counter()
     print(f"[eval] {len(BASES)} models up to {eval_len} tokens on {budget.eval_docs} held-out files", flush=True)
     lengths = [TRAIN_LEN * 2**k for k in range(int(math.log2(eval_len // TRAIN_LEN)) + 1)]
-    records = evaluate.run([tuned[b] for b in BASES], [eval_path], lengths, out_dir=out, max_docs=budget.eval_docs,
-                           bucket0=TRAIN_LEN, positions=True, verbose=False)
+    records = perplexity.run([tuned[b] for b in BASES], [eval_path], lengths, out_dir=out,
+                             max_docs=budget.eval_docs, bucket0=TRAIN_LEN, positions=True, verbose=False)
     timings["eval"] = time.perf_counter() - t
 
     longest = [r for r in records if r["length"] == eval_len]  # one per base, in BASES order
     summary = [{"base": base, "predicted_bound": predicted_bound(base),
-                "measured_break": evaluate.measured_break(rec["position_loss"], TRAIN_LEN)}
+                "measured_break": metrics.measured_break(rec["position_loss"], TRAIN_LEN)}
                for base, rec in zip(BASES, longest)]
     write_json_atomic(os.path.join(out, "summary.json"), summary)
     timings["total"] = time.perf_counter() - started
