@@ -61,9 +61,9 @@ K = 1024
 
 # ----------------------------------------------------------------------------------------------- children
 def evaluator():
-    """estimate_eval_memory and score_sequences: the script's one import of the evaluator, which is moving
-    from megarope/evaluate.py to the megarope.eval package -- repoint this line when it lands."""
-    from megarope.evaluate import estimate_eval_memory, score_sequences
+    """estimate_eval_memory and score_sequences: the script's one import of the evaluator."""
+    from megarope.eval.memory import estimate_eval_memory
+    from megarope.eval.scoring import score_sequences
 
     return estimate_eval_memory, score_sequences
 

@@ -1,53 +1,346 @@
-"""Core attention plugged in by the layer spec: causal attention with context parallelism over
-any torch.distributed backend (gloo included), and log-scaled queries with global positions.
+"""Core attention plugged in by the layer spec: causal attention with context parallelism over any
+torch.distributed backend (gloo included), and log-scaled queries with global positions.
 
-megatron-core's local DotProductAttention refuses CP > 1 (only TE's attention does CP); this
-module is what lets the "local" backend run CP on CPUs and on GPUs without Transformer Engine.
+megatron-core's local DotProductAttention refuses CP > 1 (only TE's attention does CP); this module
+is what lets the "local" backend run CP on CPUs, and on GPUs without Transformer Engine.
 
-CP scheme: all-gather of K/V over the CP group. Each rank holds the 2 of the 2*CP chunks that
-megatron's load-balanced order gives it (r and 2*CP-1-r); after the gather, K/V are put back in
-natural order and each local query block attends to the keys at or before its global position.
-Memory per rank is O(S) for K/V plus O(query_block * S) for one block of scores.
+The CP scheme
+-------------
+megatron splits each sequence into 2*CP chunks of c tokens and gives CP rank r the chunks r and
+2*CP-1-r (parallel.cp_chunk_ids). For the queries of a chunk, every earlier key chunk is visible in
+full and its own chunk is visible causally. So each rank computes a handful of *parts*: its own two
+chunks causally, and whole earlier chunks with no mask at all. No [queries x keys] mask is ever
+built, and the masked upper half of the score matrix is never computed. Each part is one call of a
+fused attention kernel that also returns the log-sum-exp (LSE) of its scores; the parts of a query
+are merged with their LSEs (out = sum_p out_p * exp(lse_p - lse), lse = logsumexp_p lse_p), which
+is exactly softmax attention over the union of their keys. The backward pass calls the kernel's own
+backward once per part, with the *merged* output and LSE: that gives each part's exact share of the
+gradient (the flash-attention backward only needs the final row statistics), so memory stays at the
+forward's O(S/CP).
+
+How K/V travel (``cp_comm``, chosen per model; "auto" by default):
+  "all-gather"  two all-gathers per layer: the first chunks of all ranks (chunks 0..CP-1, in
+                natural order) and the second chunks (2*CP-1..CP). Each rank then needs at most 5
+                kernel calls, but holds the whole K/V of the layer (S x 2 x kv_heads x head_dim).
+                The backward gathers again (nothing S-wide is saved) and reduce-scatters dK/dV.
+  "ring"        K/V pass around the CP ring (isend/irecv, overlapped with the current step's
+                kernel call): no rank ever holds more than two ranks' K/V (its current and the
+                incoming one). dK/dV travel with them in the backward and arrive home after one
+                last hop. CP kernel calls per layer instead of <= 5.
+  "auto"        all-gather up to RING_ABOVE_CP ranks, ring above (docs/benchmarks.md has the
+                measurements behind the crossover). megatron's own ``cp_comm_type`` ("all_gather",
+                "p2p") selects a mode too; :func:`set_cp_comm` overrides it on a built model, and
+                the evaluator picks the ring when only the ring fits ``--max-memory``.
+
+Why these kernels and not PyTorch's own context parallelism
+-----------------------------------------------------------
+torch.distributed.tensor.experimental.context_parallel (PyTorch 2.14) implements the same
+load-balanced ring, but it is built for DTensor: it monkey-patches F.scaled_dot_product_attention
+for the whole process and dispatches only the CUDA SDPA ops (flash, memory-efficient, cuDNN); the
+CPU kernel is not among them, so it cannot run on gloo/CPU, and it expects [b, h, s, d] tensors
+sharded on a DeviceMesh rather than megatron's [s, b, h, d] with a CP process group. We therefore
+call the same fused kernels it uses, directly, and keep the (short) scheduling here:
+  CPU:  aten._scaled_dot_product_flash_attention_for_cpu (+ _backward): fused, returns the LSE, and
+        takes GQA (fewer K/V heads) natively.
+  CUDA: aten._scaled_dot_product_efficient_attention (+ _backward): any dtype (fp32 included, which
+        the flash kernel lacks). Its LSE is padded to a multiple of 32 queries, and it wants as many
+        K/V heads as query heads: unmasked parts fold the query groups into the query sequence
+        (exact, no K/V copy), causal parts repeat the K/V heads of their one chunk.
+These are private aten ops (what torch's own CP and torch.compile call); their signatures are read
+from PyTorch 2.14 and the CUDA path has not yet run on a GPU (tests/gpu/test_attention_cuda.py).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from megatron.core import parallel_state
 from megatron.core.transformer.module import MegatronModule
 
 from megarope.parallel import cp_chunk_ids, cp_local_positions
 from megarope.rope import RopeConfig, log_scale_factors
 
-QUERY_BLOCK = 1024
+CP_COMM = ("auto", "all-gather", "ring")
+RING_ABOVE_CP = 8
+_MEGATRON_CP_COMM = {None: "auto", "all_gather": "all-gather", "allgather": "all-gather", "p2p": "ring"}
+_LSE_ALIGN = 32  # the CUDA memory-efficient kernel pads its LSE to a multiple of this many queries
+
+aten = torch.ops.aten
 
 
-class _GatherAlongSeq(torch.autograd.Function):
-    """All-gather along dim 0; the backward sums every rank's gradient and keeps this rank's slice.
+def resolve_cp_comm(mode: str, cp_size: int) -> str:
+    """"all-gather" or "ring" for ``mode`` at this CP size ("auto": all-gather up to RING_ABOVE_CP)."""
+    if mode not in CP_COMM:
+        raise ValueError(f"cp_comm must be one of {', '.join(CP_COMM)}, got {mode!r}")
+    if mode == "auto":
+        return "all-gather" if cp_size <= RING_ABOVE_CP else "ring"
+    return mode
 
-    (torch.distributed.nn's all_gather backward needs reduce_scatter, which gloo lacks.)
+
+# ----------------------------------------------------------------------------------------------- kernels
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _fold_groups(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """[b, h, s, d] -> [b, kv_heads, (h / kv_heads) * s, d]: the queries of a K/V head's group in a row."""
+    b, h, s, d = x.shape
+    return x.reshape(b, kv_heads, h // kv_heads * s, d)
+
+
+def _unfold_groups(x: torch.Tensor, heads: int) -> torch.Tensor:
+    b, kv_heads, gs = x.shape[:3]
+    return x.reshape(b, heads, gs * kv_heads // heads, *x.shape[3:])
+
+
+def attention_with_lse(q, k, v, causal: bool, scale: float):
+    """Fused softmax attention of q [b, h, sq, d] over k, v [b, hk, sk, d] (h a multiple of hk).
+
+    Returns (out [b, h, sq, d], lse [b, h, sq] in fp32, fp64 for fp64 inputs). ``causal`` needs sq == sk.
     """
+    if q.device.type != "cuda":
+        return aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+    heads, kv_heads, sq = q.shape[1], k.shape[1], q.shape[2]
+    fold = heads != kv_heads and not causal
+    if fold:
+        q = _fold_groups(q, kv_heads)
+    elif heads != kv_heads:
+        k, v = (t.repeat_interleave(heads // kv_heads, dim=1) for t in (k, v))
+    out, lse = aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal, scale=scale)[:2]
+    lse = lse[..., :q.shape[2]]
+    if fold:
+        out, lse = _unfold_groups(out, heads), _unfold_groups(lse, heads)
+    return out, lse[..., :sq]
+
+
+def attention_with_lse_backward(grad_out, q, k, v, out, lse, causal: bool, scale: float):
+    """Gradients (dq, dk, dv) of one part, given the *merged* output and LSE of its queries."""
+    if q.device.type != "cuda":
+        return aten._scaled_dot_product_flash_attention_for_cpu_backward(grad_out, q, k, v, out, lse, 0.0, causal,
+                                                                         scale=scale)
+    heads, kv_heads = q.shape[1], k.shape[1]
+    fold = heads != kv_heads and not causal
+    if fold:
+        q, grad_out, out = (_fold_groups(t, kv_heads) for t in (q, grad_out, out))
+        lse = _fold_groups(lse.unsqueeze(-1), kv_heads).squeeze(-1)
+    elif heads != kv_heads:
+        k, v = (t.repeat_interleave(heads // kv_heads, dim=1) for t in (k, v))
+    sq = q.shape[2]
+    padded = lse.new_zeros(*lse.shape[:2], math.ceil(sq / _LSE_ALIGN) * _LSE_ALIGN)
+    padded[..., :sq] = lse
+    no_dropout = torch.empty((), dtype=torch.int64, device=q.device)  # the RNG state is read only with dropout
+    dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
+        grad_out, q, k, v, None, out, padded, no_dropout, no_dropout, 0.0, [True, True, True, False], causal,
+        scale=scale)
+    if fold:
+        dq = _unfold_groups(dq, heads)
+    elif heads != kv_heads:
+        b, _, sk, d = dk.shape
+        dk, dv = (t.reshape(b, kv_heads, heads // kv_heads, sk, d).sum(2) for t in (dk, dv))
+    return dq, dk, dv
+
+
+def merge_parts(out: torch.Tensor, lse: torch.Tensor, part_out: torch.Tensor, part_lse: torch.Tensor) -> None:
+    """Fold one part into the running (out, lse) of the same queries, in place."""
+    merged = torch.logaddexp(lse, part_lse)
+    out.mul_(torch.exp(lse - merged).unsqueeze(-1)).add_(part_out * torch.exp(part_lse - merged).unsqueeze(-1))
+    lse.copy_(merged)
+
+
+# ----------------------------------------------------------------------------------------------- parts
+def _bhsd(x: torch.Tensor) -> torch.Tensor:
+    """[s, b, h, d] -> the [b, h, s, d] view the kernels take."""
+    return x.permute(1, 2, 0, 3)
+
+
+def _split_kv(kv: torch.Tensor, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed [s, b, 2*hk, d] (K heads, then V heads) -> K, V as [b, hk, s, d] views."""
+    return _bhsd(kv[:, :, :kv_heads]), _bhsd(kv[:, :, kv_heads:])
+
+
+class _Parts:
+    """The parts of one rank's attention: (query rows, packed K/V, causal) triples, and their sweep.
+
+    Query rows are a slice of this rank's 2c local queries; K/V are [s, b, 2*hk, d] buffers.
+    ``forward`` merges every part into (out, lse); ``backward`` adds each part's gradient into dq and
+    into the dK/dV buffer that goes with its K/V.
+    """
+
+    def __init__(self, q: torch.Tensor, kv_heads: int, scale: float):
+        self.q, self.kv_heads, self.scale = q, kv_heads, scale  # q: [s, b, h, d]
+
+    def forward(self, rows: slice, kv: torch.Tensor, causal: bool, out: torch.Tensor, lse: torch.Tensor,
+                first: bool = False) -> None:
+        k, v = _split_kv(kv, self.kv_heads)
+        part_out, part_lse = attention_with_lse(_bhsd(self.q[rows]), k, v, causal, self.scale)
+        if first:  # a query's own (causal) chunk comes first: its row is never empty
+            _bhsd(out[rows]).copy_(part_out)
+            lse[..., rows].copy_(part_lse)
+        else:
+            merge_parts(_bhsd(out[rows]), lse[..., rows], part_out, part_lse)
+
+    def backward(self, rows: slice, kv: torch.Tensor, causal: bool, grad_out: torch.Tensor, out: torch.Tensor,
+                 lse: torch.Tensor, dq: torch.Tensor, dkv: torch.Tensor) -> None:
+        k, v = _split_kv(kv, self.kv_heads)
+        dq_part, dk, dv = attention_with_lse_backward(_bhsd(grad_out[rows]), _bhsd(self.q[rows]), k, v,
+                                                      _bhsd(out[rows]), lse[..., rows].contiguous(), causal,
+                                                      self.scale)
+        _bhsd(dq[rows]).add_(dq_part)
+        dk_buf, dv_buf = _split_kv(dkv, self.kv_heads)
+        dk_buf.add_(dk)
+        dv_buf.add_(dv)
+
+
+def _all_gather(local: torch.Tensor, group) -> torch.Tensor:
+    out = local.new_empty(local.shape[0] * dist.get_world_size(group), *local.shape[1:])
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.14
+    gather(out, local.contiguous(), group=group)
+    return out
+
+
+def _reduce_scatter(full: torch.Tensor, group) -> torch.Tensor:
+    out = full.new_empty(full.shape[0] // dist.get_world_size(group), *full.shape[1:])
+    scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    scatter(out, full.contiguous(), group=group)
+    return out
+
+
+def _all_gather_parts(kv: torch.Tensor, group):
+    """(rows, K/V, causal, which dK/dV buffer) of every part, K/V gathered from the whole group.
+
+    Rank r's queries are chunk r (rows :c) and chunk 2C-1-r (rows c:). ``firsts`` gathers chunks
+    0..C-1 in natural order, ``seconds`` chunks 2C-1..C (rank order); unmasked keys may come in any order.
+    """
+    cp, r = dist.get_world_size(group), dist.get_rank(group)
+    c = kv.shape[0] // 2
+    firsts, seconds = _all_gather(kv[:c], group), _all_gather(kv[c:], group)
+    mine, other = slice(0, c), slice(c, 2 * c)
+    parts = [(mine, kv[mine], True, "local", mine), (other, kv[other], True, "local", other)]
+    if r > 0:  # chunks 0..r-1: before both of this rank's chunks
+        parts.append((slice(0, 2 * c), firsts[:r * c], False, "firsts", slice(0, r * c)))
+    parts.append((slice(c, 2 * c), firsts[r * c:], False, "firsts", slice(r * c, cp * c)))  # chunks r..C-1
+    if r < cp - 1:  # chunks C..2C-2-r, the second chunks of ranks r+1..C-1
+        parts.append((slice(c, 2 * c), seconds[(r + 1) * c:], False, "seconds", slice((r + 1) * c, cp * c)))
+    return parts, {"firsts": firsts, "seconds": seconds}
+
+
+def _ring_parts(step: int, cp: int, r: int, c: int):
+    """(rows, key rows of the visiting K/V, causal) of the parts at ring step ``step``."""
+    source = (r - step) % cp
+    if step == 0:
+        return [(slice(0, c), slice(0, c), True), (slice(c, 2 * c), slice(c, 2 * c), True),
+                (slice(c, 2 * c), slice(0, c), False)]
+    if source < r:  # its first chunk precedes both of ours; its second follows both
+        return [(slice(0, 2 * c), slice(0, c), False)]
+    return [(slice(c, 2 * c), slice(0, 2 * c), False)]  # both its chunks precede our second only
+
+
+def _pass_along(tensors, group, tag: int):
+    """Send each tensor to the next rank and receive the same shapes from the previous one."""
+    cp, r = dist.get_world_size(group), dist.get_rank(group)
+    received = [torch.empty_like(t) for t in tensors]
+    ops = []
+    for i, (t, into) in enumerate(zip(tensors, received)):
+        ops.append(dist.P2POp(dist.isend, t, group=group, group_peer=(r + 1) % cp, tag=tag + i))
+        ops.append(dist.P2POp(dist.irecv, into, group=group, group_peer=(r - 1) % cp, tag=tag + i))
+    return dist.batch_isend_irecv(ops), received
+
+
+class _ContextParallelCore(torch.autograd.Function):
+    """Causal attention of this rank's 2c queries [s, b, h, d] over the whole CP group's keys."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, group, scale: float, comm: str):
+        kv = torch.cat([key, value], dim=2)  # [2c, b, 2*hk, d]: one buffer to send
+        hk, c, acc = key.shape[2], query.shape[0] // 2, _accumulation_dtype(query.dtype)
+        parts = _Parts(query, hk, scale)
+        out = torch.empty(query.shape, dtype=acc, device=query.device)
+        lse = torch.empty(query.shape[1], query.shape[2], query.shape[0], dtype=acc, device=query.device)
+        if comm == "all-gather":
+            plan, _ = _all_gather_parts(kv, group)
+            for k, (rows, keys, causal, *_) in enumerate(plan):
+                parts.forward(rows, keys, causal, out, lse, first=k < 2)
+        else:
+            cp, r = dist.get_world_size(group), dist.get_rank(group)
+            for step in range(cp):
+                next_kv = _pass_along([kv], group, tag=0) if step < cp - 1 else None  # overlaps the kernels
+                for k, (rows, keys, causal) in enumerate(_ring_parts(step, cp, r, c)):
+                    parts.forward(rows, kv[keys], causal, out, lse, first=step == 0 and k < 2)
+                if next_kv:
+                    for work in next_kv[0]:
+                        work.wait()
+                    (kv,) = next_kv[1]
+        out = out.to(query.dtype)
+        ctx.save_for_backward(query, key, value, out, lse)
+        ctx.group, ctx.scale, ctx.comm = group, scale, comm
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        query, key, value, out, lse = ctx.saved_tensors
+        group, comm = ctx.group, ctx.comm
+        hk, c, acc = key.shape[2], query.shape[0] // 2, _accumulation_dtype(query.dtype)
+        grad_out = grad_out.contiguous()
+        parts = _Parts(query, hk, ctx.scale)
+        kv = torch.cat([key, value], dim=2)
+        dq = torch.zeros(query.shape, dtype=acc, device=query.device)
+        dkv = torch.zeros(kv.shape, dtype=acc, device=kv.device)
+        if comm == "all-gather":
+            plan, gathered = _all_gather_parts(kv, group)
+            grads = {name: torch.zeros(t.shape, dtype=acc, device=t.device) for name, t in gathered.items()}
+            grads["local"] = dkv
+            for rows, keys, causal, buffer, key_rows in plan:
+                parts.backward(rows, keys, causal, grad_out, out, lse, dq, grads[buffer][key_rows])
+            dkv[:c] += _reduce_scatter(grads["firsts"], group)
+            dkv[c:] += _reduce_scatter(grads["seconds"], group)
+        else:
+            cp, r = dist.get_world_size(group), dist.get_rank(group)
+            travelling = dkv  # the dK/dV of the K/V this rank holds now: they travel together
+            for step in range(cp):
+                next_kv = _pass_along([kv], group, tag=0) if step < cp - 1 else None
+                for rows, keys, causal in _ring_parts(step, cp, r, c):
+                    parts.backward(rows, kv[keys], causal, grad_out, out, lse, dq, travelling[keys])
+                # after the last step this is one more hop: each dK/dV reaches the rank that owns those K/V
+                works, (travelling,) = _pass_along([travelling], group, tag=1)
+                for work in works + (next_kv[0] if next_kv else []):
+                    work.wait()
+                if next_kv:
+                    (kv,) = next_kv[1]
+            dkv = travelling
+        dk, dv = dkv[:, :, :hk], dkv[:, :, hk:]
+        return dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype), None, None, None
+
+
+def context_parallel_attention(query, key, value, group, scale: float, comm: str = "auto") -> torch.Tensor:
+    """Causal attention for this CP rank's tokens: query [2c, b, h, d], key/value [2c, b, hk, d] (after
+    RoPE) in megatron's load-balanced layout; returns [2c, b, h, d]. Differentiable in all three."""
+    if query.shape[0] % 2:
+        raise ValueError(f"a CP rank holds two equal chunks, got {query.shape[0]} tokens")
+    comm = resolve_cp_comm(comm, dist.get_world_size(group))
+    return _ContextParallelCore.apply(query, key, value, group, scale, comm)
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+class _GatherAlongSeq(torch.autograd.Function):
+    """All-gather along dim 0; the backward sums every rank's gradient and keeps this rank's slice."""
 
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts, dim=0)
+        return _all_gather(x, group)
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad.chunk(dist.get_world_size(ctx.group), dim=0)[dist.get_rank(ctx.group)], None
+        return _reduce_scatter(grad, ctx.group), None
 
 
 def gather_sequence(x: torch.Tensor, group) -> torch.Tensor:
     """[s_local, ...] on each CP rank -> [S, ...] in natural (global position) order."""
     cp_size = dist.get_world_size(group)
-    gathered = _GatherAlongSeq.apply(x, group)
-    chunks = gathered.chunk(2 * cp_size, dim=0)  # rank 0's two chunks, then rank 1's, ...
+    chunks = _GatherAlongSeq.apply(x, group).chunk(2 * cp_size, dim=0)  # rank 0's two chunks, then rank 1's, ...
     owner = {}
     for rank in range(cp_size):
         for slot, chunk_id in enumerate(cp_chunk_ids(cp_size, rank)):
@@ -66,22 +359,7 @@ def scale_queries(query: torch.Tensor, rope: RopeConfig | None, cp_group) -> tor
     return query * factors.view(-1, *([1] * (query.dim() - 1)))
 
 
-def causal_attention(q, k, v, q_positions, scale: float, block: int = QUERY_BLOCK):
-    """q [b, h, sq, d] at global positions q_positions [sq]; k, v [b, hk, S, d] in natural order.
-
-    Query blocks attend to the key prefix up to their last position, masked causally.
-    """
-    out = []
-    key_pos = torch.arange(k.shape[2], device=q.device)
-    for start in range(0, q.shape[2], block):
-        pos = q_positions[start:start + block]
-        end = int(pos.max()) + 1
-        mask = key_pos[None, :end] <= pos[:, None]
-        out.append(F.scaled_dot_product_attention(q[:, :, start:start + block], k[:, :, :end], v[:, :, :end],
-                                                  attn_mask=mask, scale=scale, enable_gqa=True))
-    return torch.cat(out, dim=2)
-
-
+# ----------------------------------------------------------------------------------------------- modules
 class ContextParallelAttention(MegatronModule):
     """Causal self-attention core for megatron's SelfAttention, CP over any backend.
 
@@ -95,11 +373,13 @@ class ContextParallelAttention(MegatronModule):
         dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         if dropout:
             raise ValueError("megarope's core attention has no attention dropout (LLaMA uses none)")
+        if cp_comm_type not in _MEGATRON_CP_COMM:
+            raise ValueError(f"megarope's core attention passes K/V as all_gather or p2p, not {cp_comm_type!r}")
         self.rope = rope
+        self.cp_comm = _MEGATRON_CP_COMM[cp_comm_type]
         self.softmax_scale = softmax_scale or config.kv_channels ** -0.5
         self.cp_group = pg_collection.cp if pg_collection is not None and hasattr(pg_collection, "cp") else None
-        if self.cp_group is None and config.context_parallel_size > 1:
-            from megatron.core import parallel_state
+        if self.cp_group is None and config.context_parallel_size > 1:  # the global group when none was passed
             self.cp_group = parallel_state.get_context_parallel_group()
 
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
@@ -108,17 +388,22 @@ class ContextParallelAttention(MegatronModule):
             raise ValueError("packed sequences and attention bias are not supported by megarope's core attention")
         cp_group = self.cp_group if self.cp_group is not None and dist.get_world_size(self.cp_group) > 1 else None
         query = scale_queries(query, self.rope, cp_group)
-        # [s, b, h, d] -> [b, h, s, d]
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         if cp_group is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale, enable_gqa=True)
+            out = F.scaled_dot_product_attention(*(_bhsd(t) for t in (query, key, value)), is_causal=True,
+                                                 scale=self.softmax_scale, enable_gqa=True)
+            out = out.permute(2, 0, 1, 3)
         else:
-            cp_size, cp_rank = dist.get_world_size(cp_group), dist.get_rank(cp_group)
-            k, v = (gather_sequence(t.permute(2, 0, 1, 3), cp_group).permute(1, 2, 0, 3) for t in (k, v))
-            positions = cp_local_positions(k.shape[2], cp_size, cp_rank, q.device)
-            out = causal_attention(q, k, v, positions, self.softmax_scale)
-        b, h, s, d = out.shape
-        return out.permute(2, 0, 1, 3).reshape(s, b, h * d)
+            out = context_parallel_attention(query, key, value, cp_group, self.softmax_scale, self.cp_comm)
+        s, b, h, d = out.shape
+        return out.reshape(s, b, h * d)
+
+
+def set_cp_comm(model: torch.nn.Module, mode: str) -> None:
+    """How every ContextParallelAttention of ``model`` passes K/V: "auto", "all-gather" or "ring"."""
+    resolve_cp_comm(mode, 1)  # validates
+    for module in model.modules():
+        if isinstance(module, ContextParallelAttention):
+            module.cp_comm = mode
 
 
 def log_scaled_te_attention(te_attention_cls):
@@ -130,7 +415,6 @@ def log_scaled_te_attention(te_attention_cls):
             self.rope = rope
 
         def forward(self, query, key, value, *args, **kwargs):
-            from megatron.core import parallel_state
             group = parallel_state.get_context_parallel_group(check_initialized=False)
             group = group if group is not None and dist.get_world_size(group) > 1 else None
             return super().forward(scale_queries(query, self.rope, group), key, value, *args, **kwargs)

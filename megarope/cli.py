@@ -35,6 +35,13 @@ def _float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
 
 
+def _positive_float(text: str) -> float:
+    value = _float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return value
+
+
 # ---------------------------------------------------------------------------- plan
 def _add_plan(sub) -> None:
     p = sub.add_parser("plan", help="which base for which context, and where a base breaks (the scaling law)",
@@ -257,6 +264,13 @@ def _add_rope_and_layout(p) -> None:
     p.add_argument("--no-bos", action="store_true", help="do not put the tokenizer's BOS first")
     p.add_argument("--dtype", choices=("fp32", "bf16"), help="default: bf16 on a GPU, fp32 on a CPU")
     p.add_argument("--backend", choices=("local", "te"), help="default: the checkpoint's (local when TE is absent)")
+    p.add_argument("--max-memory", type=_positive_float, metavar="GB",
+                   help="refuse, before loading anything, a length whose estimated peak per rank exceeds GB "
+                        "(10^9 bytes), and say what would fit")
+    p.add_argument("--cp-comm", choices=("auto", "all-gather", "ring"), default="auto",
+                   help="how the local backend's context-parallel attention passes K/V: all-gather (all K/V on "
+                        "every rank), ring (two ranks' worth at a time), auto (all-gather up to CP 8, ring above, "
+                        "or the ring where only it fits --max-memory)")
 
 
 def _dtype(name):
@@ -311,12 +325,13 @@ def _precheck(args, checkpoints: list[str]) -> None:
 
 def _run_eval(args) -> None:
     _precheck(args, args.checkpoint)
-    from megarope import evaluate
+    from megarope.eval import perplexity
 
-    evaluate.run(args.checkpoint, args.data, args.lengths, args.variants, args.out, tokenizer=args.tokenizer,
-                 tp=args.tp, cp=args.cp, rope_base=args.rope_base, dynamic_ntk=args.dynamic_ntk,
-                 log_scale_ref=args.log_scale, window=args.window, stride=args.stride, max_docs=args.max_docs,
-                 bos=not args.no_bos, bucket0=args.bucket0, backend=args.backend, dtype=_dtype(args.dtype))
+    perplexity.run(args.checkpoint, args.data, args.lengths, args.variants, args.out, tokenizer=args.tokenizer,
+                   tp=args.tp, cp=args.cp, rope_base=args.rope_base, dynamic_ntk=args.dynamic_ntk,
+                   log_scale_ref=args.log_scale, window=args.window, stride=args.stride, max_docs=args.max_docs,
+                   bos=not args.no_bos, bucket0=args.bucket0, backend=args.backend, dtype=_dtype(args.dtype),
+                   max_memory=args.max_memory, cp_comm=args.cp_comm)
 
 
 def _add_passkey(sub) -> None:
@@ -340,12 +355,12 @@ def _run_passkey(args) -> None:
     if any(not 0 <= d <= 1 for d in args.depths):
         raise UsageError(f"depths must be in [0, 1], got {args.depths}")
     _precheck(args, [args.checkpoint])
-    from megarope import passkey
+    from megarope.eval import passkey
 
     passkey.run(args.checkpoint, args.lengths, args.depths, args.trials, args.out, tokenizer=args.tokenizer,
                 tp=args.tp, cp=args.cp, rope_base=args.rope_base, dynamic_ntk=args.dynamic_ntk,
                 log_scale_ref=args.log_scale, seed=args.seed, bos=not args.no_bos, backend=args.backend,
-                dtype=_dtype(args.dtype))
+                dtype=_dtype(args.dtype), max_memory=args.max_memory, cp_comm=args.cp_comm)
 
 
 # ---------------------------------------------------------------------------- demo

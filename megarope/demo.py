@@ -10,7 +10,7 @@
    the bound is the tuning length).
 4. Evaluate each continued model at 128, 256, ... 8K tokens (one read of each document: causal
    attention makes the shorter lengths prefixes of it), and put the scaling law's predicted bound
-   next to the measured break point (megarope.evaluate.measured_break).
+   next to the measured break point (megarope.eval.metrics.measured_break).
 
 Each training stage is a checkpoint directory under --out. A rerun reuses a stage only if its
 checkpoint is complete and was trained with the same settings from the same starting checkpoint,
@@ -163,7 +163,8 @@ def run(out: str = "runs/demo", quick: bool = False, budget: Budget | None = Non
 
 
 def _run(out: str, quick: bool, budget: Budget | None, signals: _StopSignals) -> list[dict]:
-    from megarope import data, evaluate
+    from megarope import data
+    from megarope.eval import metrics, perplexity
 
     budget = budget or (QUICK if quick else FULL)
     data_dir = os.path.join(out, "data")  # shared by the full and the quick demo
@@ -194,14 +195,14 @@ def _run(out: str, quick: bool, budget: Budget | None, signals: _StopSignals) ->
     eval_len = budget.eval_len
     print(f"[eval] {len(BASES)} models up to {eval_len} tokens on {budget.eval_docs} held-out files", flush=True)
     lengths = [TRAIN_LEN * 2**k for k in range(int(math.log2(eval_len // TRAIN_LEN)) + 1)]
-    records = evaluate.run([tuned[b] for b in BASES], [eval_path], lengths, out_dir=out, max_docs=budget.eval_docs,
-                           bucket0=TRAIN_LEN, positions=True, verbose=False)
+    records = perplexity.run([tuned[b] for b in BASES], [eval_path], lengths, out_dir=out,
+                             max_docs=budget.eval_docs, bucket0=TRAIN_LEN, positions=True, verbose=False)
     timings["eval"] = time.perf_counter() - t
     print(f"[eval] done in {timings['eval']:.0f} s", flush=True)
 
     longest = [r for r in records if r["length"] == eval_len]  # one per base, in BASES order
     summary = [{"base": base, "predicted_bound": predicted_bound(base),
-                "measured_break": evaluate.measured_break(rec["position_loss"], TRAIN_LEN)}
+                "measured_break": metrics.measured_break(rec["position_loss"], TRAIN_LEN)}
                for base, rec in zip(BASES, longest)]
     write_json_atomic(os.path.join(out, "summary.json"), summary)
     timings["total"] = time.perf_counter() - started

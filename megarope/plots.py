@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import matplotlib
@@ -31,8 +32,6 @@ def save(fig, path: str) -> None:
 
 
 def _finite(values):
-    import math
-
     return [v if isinstance(v, (int, float)) and math.isfinite(v) else float("nan") for v in values]
 
 
@@ -65,19 +64,26 @@ def ppl_vs_length(records: list[dict], path: str) -> None:
 
 
 def loss_by_position(records: list[dict], path: str) -> None:
-    """Loss per log-spaced position bucket at each run's longest evaluated length."""
+    """Loss per log-spaced position bucket at each run's longest evaluated length, at the bucket centres;
+    the ticks are the bucket edges."""
     fig, (ax,) = figure(1, width=7.5, height=5.0)
     runs = list(dict.fromkeys(r["run"] for r in records))
+    edges = set()
     for i, name in enumerate(runs):
         rows = [r for r in records if r["run"] == name and r.get("buckets")]
         if not rows:
             continue
         last = max(rows, key=lambda r: r["length"])
         mids = [max(b["start"], 1) * 0.5 + b["end"] * 0.5 for b in last["buckets"]]
+        edges.update(b["end"] for b in last["buckets"])
         ax.plot(mids, _finite([b["loss"] for b in last["buckets"]]), marker=".", color=f"C{i % 10}",
                 label=f"{name} @ {format_tokens(last['length'])}")
     ax.set_xscale("log", base=2)
-    ax.set(xlabel="token position (bucket centre)", ylabel="loss (nats/token)", title="Loss by position")
+    if edges:
+        ax.set_xticks(sorted(edges), [format_tokens(n) for n in sorted(edges)])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.set(xlabel="token position (bucket centre; ticks at bucket edges)", ylabel="loss (nats/token)",
+           title="Loss by position")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     save(fig, path)

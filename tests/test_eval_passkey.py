@@ -9,8 +9,7 @@ import sysconfig
 
 import pytest
 import torch
-
-from test_evaluate import REPO, save_toy_checkpoint
+from eval_helpers import REPO, save_toy_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +18,8 @@ def toy_ckpt(tmp_path_factory):
 
 
 def _tokenizers(tmp_path):
-    from megarope import data, passkey
+    from megarope import data
+    from megarope.eval import passkey
 
     text = tmp_path / "sp.txt"
     with open(os.path.join(sysconfig.get_paths()["stdlib"], "argparse.py")) as f:
@@ -28,7 +28,7 @@ def _tokenizers(tmp_path):
 
 
 def test_prompts(tmp_path):
-    from megarope import passkey
+    from megarope.eval import passkey
 
     for tok in _tokenizers(tmp_path):
         builder = passkey.PromptBuilder(tok)
@@ -54,7 +54,7 @@ def test_prompts(tmp_path):
 
 
 def test_keys_are_deterministic_5_digit():
-    from megarope.passkey import make_keys
+    from megarope.eval.passkey import make_keys
 
     a = make_keys([256, 512], [0.0, 1.0], 3, seed=0)
     assert a == make_keys([256, 512], [0.0, 1.0], 3, seed=0) != make_keys([256, 512], [0.0, 1.0], 3, seed=1)
@@ -63,7 +63,8 @@ def test_keys_are_deterministic_5_digit():
 
 def test_exact_match_scoring(monkeypatch):
     """A trial passes iff every answer token is the argmax (greedy decoding's verdict); others do not count."""
-    from megarope import data, evaluate, passkey
+    from megarope import data
+    from megarope.eval import passkey, scoring
 
     builder = passkey.PromptBuilder(data.load_tokenizer("bytes"))
     prompts = [builder.build(300, 0.5, "12345") for _ in range(3)]
@@ -73,14 +74,14 @@ def test_exact_match_scoring(monkeypatch):
     correct[1, start - 1:] = True
     correct[1, -1] = False                       # the last digit wrong
     correct[2, :start - 1] = True                # everything but the answer right
-    monkeypatch.setattr(evaluate, "score_sequences", lambda model, ids, **_: (torch.zeros(3, 299), correct))
+    monkeypatch.setattr(scoring, "score_sequences", lambda model, ids, **_: (torch.zeros(3, 299), correct))
     scores = passkey.score_prompts(None, prompts)
     assert [ok for ok, _ in scores] == [True, False, False]
     assert scores[1][1] == pytest.approx(5 / 6) and scores[2][1] == 0  # " 12345": 6 answer tokens
 
 
 def test_run_writes_json_and_heatmap(toy_ckpt, tmp_path):
-    from megarope import passkey
+    from megarope.eval import passkey
 
     result = passkey.run(toy_ckpt, [256, 512], [0.0, 0.5, 1.0], trials=2, out_dir=str(tmp_path / "pk"), verbose=False)
     assert result["lengths"] == [256, 512] and result["depths"] == [0.0, 0.5, 1.0]

@@ -19,7 +19,8 @@ That is *exactly* greedy decoding's exact-match verdict for the answer: greedy d
 the answer iff each next-token argmax, given the correct prefix, is the correct token, which is what
 is checked -- at the cost of one forward pass instead of one per generated token (no KV cache
 needed). ``digit_accuracy`` (fraction of answer tokens right) is a teacher-forced extra; greedy
-decoding would not credit digits after the first mistake.
+decoding would not credit digits after the first mistake. The forward pass is eval.scoring's
+score_sequences, the same core perplexity uses, with its CP split and bounded memory.
 """
 
 from __future__ import annotations
@@ -31,8 +32,11 @@ from dataclasses import dataclass
 
 import torch
 
-from megarope import evaluate, parallel
+from megarope import parallel, plots
 from megarope.errors import UsageError
+from megarope.eval import memory, runs, scoring
+from megarope.eval.variants import variants_from_flags
+from megarope.files import write_json_atomic
 
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
          "I will quiz you about the important info there.")
@@ -107,7 +111,7 @@ def make_keys(lengths: Sequence[int], depths: Sequence[float], trials: int, seed
 
 def score_prompts(model, prompts: Sequence[Prompt], **score_kwargs) -> list[tuple[bool, float]]:
     """(passed, fraction of answer tokens right) per prompt; all prompts have the same length."""
-    loss, correct = evaluate.score_sequences(model, torch.stack([p.tokens for p in prompts]), **score_kwargs)
+    loss, correct = scoring.score_sequences(model, torch.stack([p.tokens for p in prompts]), **score_kwargs)
     out = []
     for row, p in zip(correct, prompts):
         ok = row[p.answer_start - 1:]  # column i predicts token i+1
@@ -119,21 +123,26 @@ def run(checkpoint: str, lengths: Sequence[int], depths: Sequence[float] = (0.0,
         trials: int = 5, out_dir: str | None = None, *, tokenizer: str | None = None, tp: int = 1, cp: int = 1,
         rope_base: float | None = None, dynamic_ntk: bool = False, log_scale_ref: int | None = None,
         seed: int = 0, bos: bool = True, backend: str | None = None, dtype: torch.dtype | None = None,
-        batch_tokens: int = evaluate.BATCH_TOKENS, verbose: bool = True) -> dict:
+        batch_tokens: int = scoring.BATCH_TOKENS, max_memory: float | None = None, cp_comm: str = "auto",
+        verbose: bool = True) -> dict:
     """Passkey accuracy of one checkpoint (in one RoPE variant) at each length x depth.
 
     Returns {"run", "checkpoint", "variant", "lengths", "depths", "trials", "accuracy" [depth][length],
     "digit_accuracy" [depth][length], "records": [...]}; with ``out_dir``, rank 0 writes passkey.json and
-    passkey.png (the heatmap) there.
+    passkey.png (the heatmap) there. ``max_memory`` and ``cp_comm`` as in eval.perplexity.run.
     """
-    lengths = evaluate.check_lengths(lengths, tp, cp)
+    lengths = scoring.check_lengths(lengths, tp, cp)
     depths = list(dict.fromkeys(float(d) for d in depths))
     if not depths or any(not 0.0 <= d <= 1.0 for d in depths):
         raise UsageError(f"depths must be in [0, 1], got {depths}")
     if trials < 1:
         raise UsageError(f"trials must be positive, got {trials}")
-    variant = evaluate.variants_from_flags(None, rope_base, dynamic_ntk, log_scale_ref)[0]
-    (r,) = evaluate.plan_runs([os.fspath(checkpoint)], [variant], tokenizer)
+    variant = variants_from_flags(None, rope_base, dynamic_ntk, log_scale_ref)[0]
+    (r,) = runs.plan_runs([os.fspath(checkpoint)], [variant], tokenizer)
+    dtype = dtype or runs.default_dtype()
+    if max_memory is not None:
+        cp_comm = memory.check_max_memory({r.label: r.preset}, lengths, max_memory, torch.finfo(dtype).bits // 8,
+                                          tp, cp, cp_comm, batch_tokens=batch_tokens)
     builder = PromptBuilder(r.tokenizer, bos)
     too_short = [n for n in lengths if n < builder.overhead()]
     if too_short:
@@ -141,11 +150,11 @@ def run(checkpoint: str, lengths: Sequence[int], depths: Sequence[float] = (0.0,
                          f"{builder.overhead()} tokens with tokenizer {r.tokenizer.spec}")
     keys = make_keys(lengths, depths, trials, seed)
 
-    own_init = evaluate._ensure_parallel(tp, cp)
+    own_init = runs.ensure_parallel(tp, cp)
     main = parallel.is_main()  # decided now: after the teardown below every rank would look like rank 0
-    records = []
-    try:
-        model = evaluate.load_run_model(r, backend, dtype)
+
+    def evaluate(_: runs.Run, model) -> list[dict]:
+        records = []
         for n in lengths:
             prompts = [(d, t, builder.build(n, d, keys[n, d, t])) for d in depths for t in range(trials)]
             scores = score_prompts(model, [p for _, _, p in prompts], batch_tokens=batch_tokens)
@@ -157,7 +166,10 @@ def run(checkpoint: str, lengths: Sequence[int], depths: Sequence[float] = (0.0,
             if verbose and main:
                 row = "  ".join(f"{rec['depth']:g}: {rec['accuracy']:.2f}" for rec in records if rec["length"] == n)
                 print(f"{r.name} @ {n}: accuracy by depth  {row}", flush=True)
-        evaluate._free(model)
+        return records
+
+    try:
+        ((_, records),) = runs.each_run([r], evaluate, backend, dtype, cp_comm)
     finally:
         if own_init:
             parallel.destroy()
@@ -169,9 +181,6 @@ def run(checkpoint: str, lengths: Sequence[int], depths: Sequence[float] = (0.0,
               "digit_accuracy": [[cell[d, n]["digit_accuracy"] for n in lengths] for d in depths],
               "records": records}
     if out_dir and main:
-        from megarope import plots
-        from megarope.files import write_json_atomic
-
         os.makedirs(out_dir, exist_ok=True)
         write_json_atomic(os.path.join(out_dir, "passkey.json"), result)
         plots.passkey_heatmap(lengths, depths, result["accuracy"], os.path.join(out_dir, "passkey.png"),
