@@ -30,19 +30,12 @@ import time
 import torch
 import torch.distributed as dist
 
+import peak_memory  # benchmarks/, this script's folder
 from megarope import attention
 from megarope.parallel import free_port
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 COMMS = ("all-gather", "ring")
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def child(args) -> dict:
@@ -67,13 +60,11 @@ def child(args) -> dict:
     for _ in range(args.repeats):
         for comm in COMMS:
             dist.barrier()
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            base = _status_kb("VmRSS")
+            base = peak_memory.reset()
             start, cpu = time.perf_counter(), time.process_time()
             call(comm)
             results[comm]["cpu_seconds"].append(time.process_time() - cpu)
-            results[comm]["peak_mib"].append((_status_kb("VmHWM") - base) / 1024)
+            results[comm]["peak_mib"].append(peak_memory.added_mib(base))
             dist.barrier()  # the call ends when the slowest rank is done
             results[comm]["seconds"].append(time.perf_counter() - start)
     dist.destroy_process_group()

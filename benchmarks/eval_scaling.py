@@ -48,6 +48,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import peak_memory  # benchmarks/, this script's folder
 from megarope import attention as attention_mod
 from megarope import parallel
 from megarope.eval import memory, scoring
@@ -101,14 +102,6 @@ def use_old_attention(model) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- one measurement
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def child(length: int, dtype_name: str, threads: int, cp: int, attention: str, cp_comm: str) -> dict:
     torch.set_num_threads(threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
@@ -122,13 +115,11 @@ def child(length: int, dtype_name: str, threads: int, cp: int, attention: str, c
     scoring.score_sequences(model, tokens[:, :1024])  # warm-up: kernels, thread pools, allocator, the group
     if cp > 1:
         dist.barrier()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM := VmRSS
-    base_kb = _status_kb("VmRSS")
+    base_kb = peak_memory.reset()
     start, cpu_start = time.perf_counter(), time.process_time()
     loss, _ = scoring.score_sequences(model, tokens)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-    peak_kb = _status_kb("VmHWM") - base_kb
+    peak_kb = peak_memory.added_mib(base_kb) * 1024
     est = memory.estimate_eval_memory(preset, length, dtype_bytes=torch.finfo(dtype).bits // 8, cp=cp,
                                       cp_comm=cp_comm)
     parallel.destroy()
