@@ -1,6 +1,7 @@
 """launch/slurm.sbatch, unmodified, on a real Slurm cluster: launch/local_slurm.sh starts one on this
 machine (munge, slurmctld, two slurmd), and the toy example trains on it, is signalled, preempted,
-cancelled, requeued and resumed the ways a real cluster does it.
+cancelled, requeued and resumed the ways a real cluster does it; and `slurm.sbatch eval ...` evaluates a
+toy checkpoint with CP across the two nodes, through a time-limit warning and a requeue.
 
 Needs Slurm's daemons (Debian: slurmctld slurmd slurm-client munge; .ci/run installs them); without
 them every test here skips with one line saying so.
