@@ -283,8 +283,12 @@ def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="perplexity, loss and accuracy against length (several checkpoints/variants)",
                        description="Evaluate each --checkpoint under each variant on documents truncated at each "
                                    "length (documents shorter than a length are skipped and counted). Writes "
-                                   "results.json, results.csv, ppl_vs_length.png and loss_by_position.png to --out. "
-                                   "Many ranks: torchrun --nproc-per-node N -m megarope eval ... (TP x CP x DP).")
+                                   "results.json, results.csv, ppl_vs_length.png and loss_by_position.png to --out, "
+                                   "results.json as each (run, length) completes. SIGTERM, SIGINT or SIGUSR1 stops "
+                                   "it before the next batch (exit 128 + the signal's number); run the same command "
+                                   "to resume at the next unscored (run, length). Many ranks: torchrun "
+                                   "--nproc-per-node N -m megarope eval ... (TP x CP x DP); Slurm: sbatch "
+                                   "launch/slurm.sbatch eval ...")
     p.add_argument("--checkpoint", action="append", required=True, metavar="DIR",
                    help="a megarope checkpoint, or a training run's directory (its latest step); repeatable")
     p.add_argument("--data", nargs="+", action="extend", required=True, metavar="FILE",
@@ -325,13 +329,20 @@ def _precheck(args, checkpoints: list[str]) -> None:
 
 def _run_eval(args) -> None:
     _precheck(args, args.checkpoint)
+    from megarope import parallel
     from megarope.eval import perplexity
+    from megarope.signals import Stopped
 
-    perplexity.run(args.checkpoint, args.data, args.lengths, args.variants, args.out, tokenizer=args.tokenizer,
-                   tp=args.tp, cp=args.cp, rope_base=args.rope_base, dynamic_ntk=args.dynamic_ntk,
-                   log_scale_ref=args.log_scale, window=args.window, stride=args.stride, max_docs=args.max_docs,
-                   bos=not args.no_bos, bucket0=args.bucket0, backend=args.backend, dtype=_dtype(args.dtype),
-                   max_memory=args.max_memory, cp_comm=args.cp_comm)
+    try:  # resume=None: an unfinished evaluation in --out with the same documents and settings goes on
+        perplexity.run(args.checkpoint, args.data, args.lengths, args.variants, args.out, tokenizer=args.tokenizer,
+                       tp=args.tp, cp=args.cp, rope_base=args.rope_base, dynamic_ntk=args.dynamic_ntk,
+                       log_scale_ref=args.log_scale, window=args.window, stride=args.stride, max_docs=args.max_docs,
+                       bos=not args.no_bos, bucket0=args.bucket0, backend=args.backend, dtype=_dtype(args.dtype),
+                       max_memory=args.max_memory, cp_comm=args.cp_comm, resume=None)
+    except Stopped as e:  # one line (rank 0), and the usual status of a process ended by that signal
+        if parallel.is_main():
+            print(f"megarope eval: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(e.exit_code) from None
 
 
 def _add_passkey(sub) -> None:

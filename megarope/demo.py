@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass
 
 from megarope import scaling
+from megarope.signals import Stopped
 from megarope.files import write_json_atomic
 from megarope.units import format_tokens
 
@@ -78,7 +79,8 @@ class _StopSignals:
 
     While a training stage is in its step loop, train's own SIGTERM handler is installed: the stage
     saves at the end of its step and returns, stopped by the signal; a SIGINT is passed on to it as a
-    SIGTERM. Anywhere else nothing is half-done that a save could keep (files are written atomically),
+    SIGTERM. The evaluation has handlers of its own: it stops before its next batch, keeping the results
+    it wrote. Anywhere else nothing is half-done that a save could keep (files are written atomically),
     so a signal raises Interrupted at once, and so does a second one during a stage's save.
     """
 
@@ -195,8 +197,11 @@ def _run(out: str, quick: bool, budget: Budget | None, signals: _StopSignals) ->
     eval_len = budget.eval_len
     print(f"[eval] {len(BASES)} models up to {eval_len} tokens on {budget.eval_docs} held-out files", flush=True)
     lengths = [TRAIN_LEN * 2**k for k in range(int(math.log2(eval_len // TRAIN_LEN)) + 1)]
-    records = perplexity.run([tuned[b] for b in BASES], [eval_path], lengths, out_dir=out,
-                             max_docs=budget.eval_docs, bucket0=TRAIN_LEN, positions=True, verbose=False)
+    try:  # the evaluation handles SIGTERM and SIGINT itself: it stops before its next batch
+        records = perplexity.run([tuned[b] for b in BASES], [eval_path], lengths, out_dir=out,
+                                 max_docs=budget.eval_docs, bucket0=TRAIN_LEN, positions=True, verbose=False)
+    except Stopped as e:
+        raise Interrupted(getattr(signal, e.signal or "SIGTERM"), signals.where) from None
     timings["eval"] = time.perf_counter() - t
     print(f"[eval] done in {timings['eval']:.0f} s", flush=True)
 

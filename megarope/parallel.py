@@ -158,6 +158,16 @@ def fail_together():
         raise RuntimeError("another rank failed (see its error)")
 
 
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is true on any rank: one all-reduce on the host-side group, which every rank must
+    call the same number of times (so that all of them, e.g., stop at the same point on a signal)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    value = torch.tensor([int(flag)], dtype=torch.int32)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_file_group)
+    return bool(value.item())
+
+
 def cp_group():
     return parallel_state.get_context_parallel_group()
 

@@ -39,9 +39,7 @@ import json
 import math
 import os
 import random
-import signal
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass
 
@@ -55,8 +53,8 @@ from megarope.files import atomic_files
 from megarope.memory import model_parameters
 from megarope.optim import (CHECKPOINT_METADATA, make_optimizer, make_scheduler, optimizer_kind,
                             reshards_across_model_parallel)
+from megarope.signals import StopSignals
 
-STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
 METRICS = "metrics.jsonl"
 # Dense bf16 peaks (TFLOP/s) for MFU; log.peak_tflops overrides, other devices show no MFU.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0}
@@ -232,30 +230,6 @@ def _set_rng_state(state: dict) -> None:
     if torch.cuda.is_available() and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"])
         tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
-
-
-# ----------------------------------------------------------------------------------------------- signals
-class _StopSignals:
-    """Remember SIGTERM/SIGUSR1 instead of dying: the run saves at the end of the step and ends."""
-
-    def __init__(self):
-        self.received: str | None = None
-        self._previous = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for name in STOP_SIGNALS:
-                sig = getattr(signal, name, None)
-                if sig is not None:
-                    self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, _frame):
-        self.received = signal.Signals(signum).name
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 # ----------------------------------------------------------------------------------------------- metrics
@@ -641,7 +615,7 @@ class Trainer:
         metrics = MetricsWriter(self.cfg, self.root, state.step, flops, _peak_flops(self.cfg, self.dtype),
                                 self.layout.world, self.progress)
         saved_at, stopped = None, None
-        with metrics, _StopSignals() as signals:
+        with metrics, StopSignals() as signals:
             while state.step < t.steps:
                 result = self.train_step(state, signals.received is not None)
                 state.step, state.consumed_samples = state.step + 1, state.consumed_samples + t.global_batch

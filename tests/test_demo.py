@@ -122,7 +122,7 @@ def _wait_for_steps(metrics: Path, n: int, timeout: float = 300) -> None:
 
 
 @pytest.mark.slow
-def test_tiny_demo_end_to_end(tmp_path, stdlib_data, capsys):
+def test_tiny_demo_end_to_end(tmp_path, stdlib_data, capsys, monkeypatch):
     out = _out(tmp_path, stdlib_data)
     summary = demo.run(str(out), budget=TINY)
     assert [s["base"] for s in summary] == list(demo.BASES)
@@ -138,6 +138,24 @@ def test_tiny_demo_end_to_end(tmp_path, stdlib_data, capsys):
 
     demo.run(str(out), budget=TINY)  # a rerun trains nothing
     assert capsys.readouterr().out.count("cached") == 4
+
+    # SIGINT during the evaluation: it stops before its next batch, and the demo with it
+    from megarope.eval import scoring
+
+    score, batches = scoring.score_sequences, []
+
+    def interrupted_in_the_second_model(model, ids, **kwargs):
+        batches.append(ids.shape)
+        if len(batches) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return score(model, ids, **kwargs)
+
+    monkeypatch.setattr(scoring, "score_sequences", interrupted_in_the_second_model)
+    with pytest.raises(demo.Interrupted, match=r"stopped by SIGINT in stage eval") as e:
+        demo.run(str(out), budget=TINY)
+    assert e.value.signum == signal.SIGINT and len(batches) == 2  # one batch per model: the third never started
+    assert len(json.loads((out / "results.json").read_text())) == 8
+    assert json.loads((out / "unfinished.json").read_text())["stopped"] == "SIGINT"
 
 
 @pytest.mark.slow

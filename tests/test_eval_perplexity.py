@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -241,3 +242,88 @@ def test_results_are_written_as_each_length_completes_and_a_rerun_skips_them(toy
     calls.clear()
     perplexity.run(*args, window=256, resume=True, verbose=False)
     assert 256 in calls and len(calls) > 3
+
+
+# ----------------------------------------------------------------------------------------------- stop signals
+TIMINGS = ("seconds", "tokens_per_s")
+
+
+def _values(records: list[dict]) -> list[dict]:
+    """The records without their timings: what an interrupted and resumed evaluation must reproduce."""
+    return [{k: v for k, v in r.items() if k not in TIMINGS} for r in records]
+
+
+def test_a_signal_stops_before_the_next_batch_and_a_rerun_resumes_what_is_left(toy_ckpt, tmp_path, monkeypatch):
+    """SIGTERM during the first batch after a record is on disk: that pass records nothing, Stopped says
+    so; resume=None continues with what is left (the interrupted pass again) to the same records."""
+    from megarope.eval import scoring
+    from megarope.signals import Stopped
+
+    out = tmp_path / "out"
+    # batches of 512 tokens: two documents per batch at 256, one at 512
+    args = dict(checkpoints=[toy_ckpt], docs_or_paths=corpus_texts(), lengths=[256, 512],
+                variants=["dynamic-ntk", "as-trained"], batch_tokens=512, verbose=False)
+    reference = perplexity.run(**args)
+    score, calls, signalled = scoring.score_sequences, [], []
+
+    def signalled_once_a_record_is_on_disk(model, ids, **kwargs):
+        calls.append(ids.shape[1])
+        if (out / "results.json").exists() and not signalled:
+            signalled.append(os.kill(os.getpid(), signal.SIGTERM))  # in dynamic-ntk's first of 3 batches at 512
+        return score(model, ids, **kwargs)
+
+    monkeypatch.setattr(scoring, "score_sequences", signalled_once_a_record_is_on_disk)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Stopped, match=r"stopped by SIGTERM with 1 of 4 \(run, length\) results done") as e:
+        perplexity.run(**args, out_dir=str(out), resume=None)
+    assert e.value.exit_code == 128 + signal.SIGTERM and signal.getsignal(signal.SIGTERM) is before
+    assert calls == [256, 256, 512]  # the batch under way finished; no other started
+    assert [(r["run"], r["length"]) for r in perplexity.read_results(str(out))] == [("ckpt:dynamic-ntk", 256)]
+    assert json.loads((out / perplexity.UNFINISHED).read_text())["stopped"] == "SIGTERM"
+
+    calls.clear()
+    resumed = perplexity.run(**args, out_dir=str(out), resume=None)
+    assert calls == [512] * 6  # dynamic-ntk at 512 again, then as-trained's one pass for both lengths
+    assert _values(resumed) == _values(reference)
+    assert _values(perplexity.read_results(str(out))) == _values(reference)
+    assert not (out / perplexity.UNFINISHED).exists()
+
+    # a finished evaluation is not resumed, nor an unfinished one of other documents: all is evaluated again
+    for unfinished in (None, {"settings": {"documents": "others"}, "stopped": "SIGTERM"}):
+        if unfinished:
+            (out / perplexity.UNFINISHED).write_text(json.dumps(unfinished))
+        calls.clear()
+        perplexity.run(**args, out_dir=str(out), resume=None)
+        assert len(calls) == 8
+
+
+@pytest.mark.slow
+def test_eval_cli_stops_on_sigterm_with_its_status_and_the_same_command_resumes(toy_ckpt, data_file, tmp_path):
+    """`megarope eval`, SIGTERM once its first result is on disk: one line, exit 128 + SIGTERM; the same
+    command then finishes, each (run, length) once, equal to an uninterrupted evaluation."""
+    out = tmp_path / "out"
+    args = ["eval", "--checkpoint", toy_ckpt, "--data", data_file, "--lengths", "512,1K,2K",
+            "--variants", "dynamic-ntk,as-trained,base=1e5", "--out", str(out)]
+    proc = subprocess.Popen([*CLI, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "results.json").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill() if proc.poll() is None else None
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    done = json.loads((out / "results.json").read_text())
+    assert 1 <= len(done) < 9
+    said = [line for line in stderr.splitlines() if line.startswith("megarope")]
+    assert said == [f"megarope eval: stopped by SIGTERM with {len(done)} of 9 (run, length) results done (in {out}/"
+                    f"results.json); run the same command to resume"]
+
+    rerun = _cli(*args)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"resuming: {len(done)} of 9 (run, length) results are in {out}/results.json" in rerun.stdout
+    assert json.loads((out / "results.json").read_text())[:len(done)] == done  # kept as written, not evaluated again
+    reference = perplexity.run([toy_ckpt], [data_file], [512, 1024, 2048], ["dynamic-ntk", "as-trained", "base=1e5"],
+                               verbose=False)
+    assert _values(perplexity.read_results(str(out))) == _values(reference)

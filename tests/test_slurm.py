@@ -1,6 +1,7 @@
 """launch/slurm.sbatch, unmodified, on a real Slurm cluster: launch/local_slurm.sh starts one on this
 machine (munge, slurmctld, two slurmd), and the toy example trains on it, is signalled, preempted,
-cancelled, requeued and resumed the ways a real cluster does it.
+cancelled, requeued and resumed the ways a real cluster does it; and `slurm.sbatch eval ...` evaluates a
+toy checkpoint with CP across the two nodes, through a time-limit warning and a requeue.
 
 Needs Slurm's daemons (Debian: slurmctld slurmd slurm-client munge; .ci/run installs them); without
 them every test here skips with one line saying so.
@@ -49,8 +50,8 @@ class Cluster:
     state: str
     env: dict
 
-    def run(self, *cmd: str) -> str:
-        return subprocess.run(cmd, env=self.env, check=True, capture_output=True, text=True).stdout
+    def run(self, *cmd: str, **env: str) -> str:
+        return subprocess.run(cmd, env={**self.env, **env}, check=True, capture_output=True, text=True).stdout
 
     def job(self, job_id: str) -> dict:
         """`scontrol show job` as a dict (JobState, Restarts, PreemptTime, ExitCode, ...)."""
@@ -242,3 +243,103 @@ def test_scancel_ends_the_job_without_requeue(cancelled):
 def test_the_ranks_save_at_the_step_they_stop(scenario, request):
     run = request.getfixturevalue(scenario)
     assert run.at_stop["latest"] == run.at_stop["logged"], run.at_stop
+
+
+# ----------------------------------------------------------------------------------------------- eval
+# `megarope eval` of a random toy checkpoint: CP 2 over the two nodes, results written per (run, length).
+EVAL_LENGTHS = [512, 1024, 2048, 4096]
+EVAL_VARIANTS = ["dynamic-ntk", "as-trained", "base=1e5"]  # dynamic NTK first: its lengths finish one by one
+
+
+@pytest.fixture(scope="module")
+def eval_inputs(tmp_path_factory):
+    from eval_helpers import corpus_texts, save_toy_checkpoint
+
+    root = tmp_path_factory.mktemp("eval-inputs")
+    data = root / "docs.jsonl"
+    data.write_text("".join(json.dumps({"text": text}) + "\n" for text in corpus_texts()))
+    return save_toy_checkpoint(root / "ckpt"), str(data)
+
+
+def _submit_eval(cluster: Cluster, workdir: Path, eval_inputs, nodes: int, ranks: int) -> Run:
+    """launch/slurm.sbatch in its eval mode, CP 2 over NODES x RANKS CPU ranks; Run.ckpt is --out."""
+    from megarope.parallel import free_port
+
+    ckpt, data = eval_inputs
+    out, log = workdir / "eval", workdir / "job.out"
+    # A free rendezvous port, not the script's job-id one: another local cluster's job of the same id may
+    # be running on this machine at the same time (sbatch passes the environment on, requeues included).
+    job_id = cluster.run("sbatch", "--parsable", f"--nodes={nodes}", "--gpus-per-node=0", f"--cpus-per-task={ranks}",
+                         f"--chdir={workdir}", f"--output={log}", str(SBATCH), "eval", "--checkpoint", ckpt,
+                         "--data", data, "--lengths", ",".join(map(str, EVAL_LENGTHS)),
+                         "--variants", ",".join(EVAL_VARIANTS), "--cp", "2", "--out", str(out),
+                         RDZV_PORT=str(free_port())).strip().split(";")[0]
+    return Run(job_id, out, log)
+
+
+def _eval_results(run: Run) -> list[dict]:
+    path = run.ckpt / "results.json"
+    return json.loads(path.read_text()) if path.exists() else []
+
+
+def _assert_equal_to_one_process(run: Run, reference: list[dict]) -> None:
+    assert run.info["JobState"] == "COMPLETED", run.output[-6000:]
+    results = _eval_results(run)
+    assert [(r["run"], r["length"]) for r in results] == [(r["run"], r["length"]) for r in reference]  # each once
+    for got, want in zip(results, reference):
+        # fp32, CP's attention merged across ranks: equal to rounding
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5), got["run"]
+        assert got["ppl"] == pytest.approx(want["ppl"], rel=1e-5), got["run"]
+        assert [b["loss"] for b in got["buckets"]] == pytest.approx([b["loss"] for b in want["buckets"]], rel=1e-5)
+        assert (got["n_docs"], got["n_skipped"]) == (want["n_docs"], want["n_skipped"])
+        # an argmax can flip on a near-tie of this random model's logits; one in 1000 tokens would show
+        assert got["accuracy"] == pytest.approx(want["accuracy"], abs=1e-3)
+    assert not (run.ckpt / "unfinished.json").exists()  # finished
+    assert (run.ckpt / "ppl_vs_length.png").exists()
+
+
+@dataclass
+class EvalJobs:
+    whole: Run       # runs through
+    warned: Run      # gets the time-limit warning once it has a result, is requeued and resumes
+    at_stop: dict    # what --out held when the warned job's first start was over
+    reference: list  # the same evaluation in one process: one rank, no CP
+
+
+@pytest.fixture(scope="module")
+def eval_jobs(cluster, eval_inputs, tmp_path_factory) -> EvalJobs:
+    """Two evaluations at once, 2 nodes x 1 rank each with CP 2 (each takes one CPU of each node)."""
+    from megarope.eval import perplexity
+
+    whole = _submit_eval(cluster, tmp_path_factory.mktemp("eval-whole"), eval_inputs, 2, 1)
+    warned = _submit_eval(cluster, tmp_path_factory.mktemp("eval-warned"), eval_inputs, 2, 1)
+    _wait("the first result", lambda: _eval_results(warned), warned, every=0.1)
+    cluster.run("scancel", "--batch", "--signal=USR1", warned.job_id)
+
+    def first_start_over():
+        info = cluster.job(warned.job_id)
+        return (int(info["Restarts"]) > 0 and info["JobState"] == "PENDING") or info["JobState"] in FINAL
+
+    _wait("the first start to end", first_start_over, warned, every=0.1)
+    # The requeued start needs over 10 s (requeue delay, then Python and torch) before it touches --out.
+    at_stop = {"done": len(_eval_results(warned)),
+               "unfinished": json.loads((warned.ckpt / "unfinished.json").read_text())}
+    ckpt, data = eval_inputs
+    reference = perplexity.run([ckpt], [data], EVAL_LENGTHS, EVAL_VARIANTS, verbose=False)
+    return EvalJobs(_finish(cluster, whole), _finish(cluster, warned), at_stop, reference)
+
+
+def test_eval_with_cp_across_two_nodes_equals_one_process(eval_jobs):
+    run = eval_jobs.whole
+    assert int(run.info["Restarts"]) == 0
+    _assert_equal_to_one_process(run, eval_jobs.reference)
+    assert "megarope: 2 nodes x 1 CPU ranks" in run.output
+
+
+def test_eval_time_limit_warning_stops_requeues_and_resumes_at_the_next_unscored_length(eval_jobs):
+    run, total, done = eval_jobs.warned, len(EVAL_LENGTHS) * len(EVAL_VARIANTS), eval_jobs.at_stop["done"]
+    assert eval_jobs.at_stop["unfinished"]["stopped"] == "SIGUSR1"  # every rank stopped cleanly, before a batch
+    assert 1 <= done < total, done  # stopped part-way, not from scratch and not at the end
+    assert int(run.info["Restarts"]) == 1 and "time limit: requeued" in run.output
+    assert f"resuming: {done} of {total} (run, length) results are in {run.ckpt}/results.json" in run.output
+    _assert_equal_to_one_process(run, eval_jobs.reference)

@@ -19,17 +19,19 @@ completes, then ppl_vs_length.png and loss_by_position.png.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
 from megarope import parallel, plots
+from megarope.signals import StopSignals, Stopped
 from megarope.errors import UsageError
 from megarope.eval import documents, memory, metrics, runs, scoring
 from megarope.eval.variants import Variant, variants_from_flags
@@ -41,6 +43,10 @@ from megarope.units import format_tokens
 CSV_FIELDS = ["run", "checkpoint", "variant", "base", "effective_base", "length", "loss", "ppl", "accuracy", "n_docs",
               "n_skipped", "n_tokens", "window", "stride", "predicted_bound", "regime", "tokens_per_s", "buckets"]
 RESUME_KEYS = ("checkpoint", "variant", "window", "stride", "tokenizer")  # what a reusable record must share
+# In out_dir while an evaluation is under way (or was stopped, or died): what it evaluates, and whether a
+# stop signal ended it. A run with resume=None resumes only such an evaluation of the same settings.
+UNFINISHED = "unfinished.json"
+STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
 
 
 # ----------------------------------------------------------------------------------------------- one model
@@ -56,36 +62,61 @@ def _reduce_over_dp(sums: torch.Tensor, group, size: int) -> torch.Tensor:
     return sums.cpu()
 
 
+def _stop_checked(batches_of: Callable[[int], list], dp_rank: int, dp_size: int,
+                  check_stop: Callable[[], None] | None) -> Iterator:
+    """This data-parallel rank's batches, ``batches_of(dp_rank)``, with ``check_stop()`` before each.
+
+    check_stop is a collective (every rank must agree to stop), so each rank calls it as often as the
+    rank with the most batches has batches; a rank with fewer calls it the remaining times after its
+    own last batch.
+    """
+    mine = batches_of(dp_rank)
+    steps = max(len(batches_of(rank)) for rank in range(dp_size)) if check_stop else len(mine)
+    for k in range(steps):
+        if check_stop:
+            check_stop()
+        if k < len(mine):
+            yield mine[k]
+
+
 def evaluate_model(model, docs: Sequence[torch.Tensor], lengths: Sequence[int], window: int | None = None,
                    stride: int | None = None, max_docs: int | None = None, bucket0: int = metrics.DEFAULT_BUCKET0,
                    progress: str | None = None, positions: bool = False,
-                   on_record: Callable[[dict], None] | None = None, **score_kwargs) -> list[dict]:
+                   on_record: Callable[[dict], None] | None = None, check_stop: Callable[[], None] | None = None,
+                   **score_kwargs) -> list[dict]:
     """Score ``docs`` (token id tensors) at each length; documents are split over data-parallel ranks.
 
     Returns one dict per length (length, loss, ppl, accuracy, n_docs, n_skipped, n_tokens, buckets,
     seconds, tokens_per_s), each also passed to ``on_record`` as soon as it is complete.
+    ``check_stop`` is called before each batch, as often on every rank (see _stop_checked), and stops
+    the evaluation by raising: a length whose pass it interrupts gives no record.
     """
     if window is None and not model.megarope_rope.dynamic_ntk and len(lengths) > 1:
         return _evaluate_by_prefix(model, docs, lengths, max_docs, bucket0, progress, positions, on_record,
-                                   **score_kwargs)
+                                   check_stop, **score_kwargs)
     dp_rank, dp_size, dp_group = runs.data_parallel()
     results = []
     for length in lengths:
         eligible = [i for i, d in enumerate(docs) if d.shape[0] >= length]
         chosen = eligible[:max_docs] if max_docs else eligible
-        mine = chosen[dp_rank::dp_size]
         sums = torch.zeros(2, length - 1, dtype=torch.float64)  # loss, correct
         started = time.perf_counter()
         bar = _progress(len(chosen), f"{progress or 'eval'} @ {length}", progress is not None)
         if window is None or window >= length:
             per_batch = max(1, score_kwargs.get("batch_tokens", scoring.BATCH_TOKENS) // length)
-            for k in range(0, len(mine), per_batch):
-                ids = torch.stack([docs[i][:length] for i in mine[k:k + per_batch]])
+
+            def batches_of(rank, chosen=chosen, per_batch=per_batch):
+                mine = chosen[rank::dp_size]
+                return [mine[k:k + per_batch] for k in range(0, len(mine), per_batch)]
+
+            for rows in _stop_checked(batches_of, dp_rank, dp_size, check_stop):
+                ids = torch.stack([docs[i][:length] for i in rows])
                 lo, ok = scoring.score_sequences(model, ids, **score_kwargs)
                 sums += torch.stack([lo.double().sum(0), ok.double().sum(0)])
                 bar.update(ids.shape[0] * dp_size)
         else:
-            for i in mine:
+            for (i,) in _stop_checked(lambda rank, chosen=chosen: [[i] for i in chosen[rank::dp_size]], dp_rank,
+                                      dp_size, check_stop):
                 lo, ok = scoring.score_windowed(model, docs[i][:length], window, stride, **score_kwargs)
                 sums += torch.stack([lo.double(), ok.double()])
                 bar.update(dp_size)
@@ -101,7 +132,7 @@ def evaluate_model(model, docs: Sequence[torch.Tensor], lengths: Sequence[int], 
     return results
 
 
-def _evaluate_by_prefix(model, docs, lengths, max_docs, bucket0, progress, positions, on_record,
+def _evaluate_by_prefix(model, docs, lengths, max_docs, bucket0, progress, positions, on_record, check_stop,
                         **score_kwargs) -> list[dict]:
     """evaluate_model for several full-sequence lengths in one pass per document.
 
@@ -115,22 +146,27 @@ def _evaluate_by_prefix(model, docs, lengths, max_docs, bucket0, progress, posit
     for L in lengths:
         for i in chosen[L]:
             longest[i] = max(longest.get(i, 0), L)
-    mine = sorted(longest)[dp_rank::dp_size]
+
+    def batches_of(rank: int) -> list[tuple[int, list[int]]]:  # (read length, documents), shortest first
+        mine = sorted(longest)[rank::dp_size]
+        batches = []
+        for read_len in sorted({longest[i] for i in mine}):
+            group = [i for i in mine if longest[i] == read_len]
+            per_batch = max(1, score_kwargs.get("batch_tokens", scoring.BATCH_TOKENS) // read_len)
+            batches += [(read_len, group[k:k + per_batch]) for k in range(0, len(group), per_batch)]
+        return batches
+
     sums = {L: torch.zeros(2, L - 1, dtype=torch.float64) for L in lengths}
     started = time.perf_counter()
     bar = _progress(len(longest), f"{progress or 'eval'} @ {max(lengths)}", progress is not None)
-    for read_len in sorted({longest[i] for i in mine}):
-        group = [i for i in mine if longest[i] == read_len]
-        per_batch = max(1, score_kwargs.get("batch_tokens", scoring.BATCH_TOKENS) // read_len)
-        for k in range(0, len(group), per_batch):
-            rows = group[k:k + per_batch]
-            lo, ok = scoring.score_sequences(model, torch.stack([docs[i][:read_len] for i in rows]), **score_kwargs)
-            for row, i in enumerate(rows):
-                for L in lengths:
-                    if i in chosen[L]:
-                        sums[L][0] += lo[row, :L - 1].double()
-                        sums[L][1] += ok[row, :L - 1].double()
-            bar.update(len(rows) * dp_size)
+    for read_len, rows in _stop_checked(batches_of, dp_rank, dp_size, check_stop):
+        lo, ok = scoring.score_sequences(model, torch.stack([docs[i][:read_len] for i in rows]), **score_kwargs)
+        for row, i in enumerate(rows):
+            for L in lengths:
+                if i in chosen[L]:
+                    sums[L][0] += lo[row, :L - 1].double()
+                    sums[L][1] += ok[row, :L - 1].double()
+        bar.update(len(rows) * dp_size)
     bar.close()
     seconds = time.perf_counter() - started
     read_tokens = sum(longest.values())
@@ -276,6 +312,26 @@ def _resumable(out_dir: str, planned: list[runs.Run], lengths: list[int], window
     return keep
 
 
+def _settings(tokenized: dict, max_docs, bucket0, positions, backend, dtype) -> dict:
+    """What decides a record's values beyond what the record itself says (RESUME_KEYS): the documents
+    as tokens, which of them count, the buckets, the numerics."""
+    digest = hashlib.sha256()
+    for spec in sorted(tokenized):
+        digest.update(spec.encode())
+        for doc in tokenized[spec]:
+            digest.update(doc.numpy().tobytes())
+    return {"documents": digest.hexdigest(), "max_docs": max_docs, "bucket0": bucket0, "positions": positions,
+            "backend": backend, "dtype": str(dtype)}
+
+
+def _read_unfinished(out_dir: str | None) -> dict:
+    try:
+        with open(os.path.join(out_dir, UNFINISHED)) as f:
+            return json.load(f)
+    except (TypeError, OSError, ValueError):
+        return {}
+
+
 def run(checkpoints: Sequence[str] | str, docs_or_paths: Sequence, lengths: Sequence[int],
         variants: Sequence[str | Variant] | None = None, out_dir: str | None = None, *, tokenizer: str | None = None,
         tp: int = 1, cp: int = 1, rope_base: float | None = None, dynamic_ntk: bool = False,
@@ -283,7 +339,7 @@ def run(checkpoints: Sequence[str] | str, docs_or_paths: Sequence, lengths: Sequ
         max_docs: int | None = None, bos: bool = True, bucket0: int = metrics.DEFAULT_BUCKET0,
         backend: str | None = None, dtype: torch.dtype | None = None, chunk: int = DEFAULT_CHUNK,
         mlp_chunk: int | None = scoring.MLP_CHUNK, batch_tokens: int = scoring.BATCH_TOKENS, positions: bool = False,
-        max_memory: float | None = None, cp_comm: str = "auto", resume: bool = False,
+        max_memory: float | None = None, cp_comm: str = "auto", resume: bool | None = False,
         verbose: bool = True) -> list[dict]:
     """Evaluate every (checkpoint, variant) at every length; returns the records (on every rank).
 
@@ -299,7 +355,13 @@ def run(checkpoints: Sequence[str] | str, docs_or_paths: Sequence, lengths: Sequ
     eval.memory.estimate_eval_memory says will not fit. ``cp_comm`` is how the context-parallel
     attention passes K/V (see megarope.attention). With ``resume``, (run, length) pairs that
     ``out_dir``'s results.json already holds with the same settings are kept and not evaluated again
-    (the documents, max_docs and bucket0 must be those of the earlier evaluation).
+    (the documents, max_docs and bucket0 must be those of the earlier evaluation). ``resume=None`` (what
+    `megarope eval` passes) resumes only an evaluation that did not finish, with the same documents and
+    settings: out_dir holds its unfinished.json until the end.
+
+    SIGTERM, SIGINT and SIGUSR1 (in the main thread) stop every rank before its next batch, all ranks
+    agreeing; a (run, length) whose pass is interrupted records nothing. The results so far are on disk,
+    unfinished.json says which signal stopped it, and signals.Stopped is raised (on every rank).
     """
     checkpoints = [checkpoints] if isinstance(checkpoints, (str, os.PathLike)) else list(checkpoints)
     checkpoints = [os.fspath(c) for c in checkpoints]
@@ -311,7 +373,18 @@ def run(checkpoints: Sequence[str] | str, docs_or_paths: Sequence, lengths: Sequ
         cp_comm = memory.check_max_memory({r.label: r.preset for r in planned}, lengths, max_memory,
                                           torch.finfo(dtype).bits // 8, tp, cp, cp_comm, window, batch_tokens)
     tokenized = _tokenized_documents(planned, docs_or_paths, lengths, bos)
+    settings = _settings(tokenized, max_docs, bucket0, positions, backend, dtype) if out_dir else None
+    if resume is None:
+        resume = bool(out_dir) and _read_unfinished(out_dir).get("settings") == settings
+    with StopSignals(STOP_SIGNALS) as stop:
+        return _run(planned, tokenized, lengths, out_dir, settings, resume, stop, tp=tp, cp=cp, window=window,
+                    stride=stride, max_docs=max_docs, bucket0=bucket0, backend=backend, dtype=dtype,
+                    score_kwargs={"chunk": chunk, "mlp_chunk": mlp_chunk, "batch_tokens": batch_tokens},
+                    positions=positions, cp_comm=cp_comm, verbose=verbose)
 
+
+def _run(planned, tokenized, lengths, out_dir, settings, resume, stop, *, tp, cp, window, stride, max_docs,
+         bucket0, backend, dtype, score_kwargs, positions, cp_comm, verbose) -> list[dict]:
     own_init = runs.ensure_parallel(tp, cp)
     main = parallel.is_main()  # decided now: after the teardown below every rank would look like rank 0
     order = {(r.name, L): k for k, (r, L) in enumerate((r, L) for r in planned for L in lengths)}
@@ -322,7 +395,25 @@ def run(checkpoints: Sequence[str] | str, docs_or_paths: Sequence, lengths: Sequ
     resumed = _resumable(out_dir, planned, lengths, window, stride) if resume and out_dir else ()
     log = runs.ResultLog((lambda records: write_results(in_order(records), out_dir, figures=False))
                          if out_dir and main else None, resumed)
-    score_kwargs = {"chunk": chunk, "mlp_chunk": mlp_chunk, "batch_tokens": batch_tokens}
+    total = len(planned) * len(lengths)
+    if out_dir:
+        parallel.wait_for_all()  # every rank has read what an earlier evaluation left before it is replaced
+        if main:
+            os.makedirs(out_dir, exist_ok=True)
+            write_json_atomic(os.path.join(out_dir, UNFINISHED), {"settings": settings, "stopped": None})
+            if resumed and verbose:
+                print(f"resuming: {len(resumed)} of {total} (run, length) results are in {out_dir}/results.json",
+                      flush=True)
+
+    def check_stop() -> None:  # one collective: every rank stops at the same batch, or none does
+        if parallel.any_rank(stop.received is not None):
+            raise Stopped(stop.received)
+
+    def unscored():  # the runs with lengths left, each checked for a stop before its model is loaded
+        for r in planned:
+            if log.pending(r.name, lengths):
+                check_stop()
+                yield r
 
     def evaluate(r: runs.Run, model) -> None:
         def on_record(result: dict) -> None:
@@ -335,18 +426,24 @@ def run(checkpoints: Sequence[str] | str, docs_or_paths: Sequence, lengths: Sequ
 
         evaluate_model(model, tokenized[r.tokenizer.spec], log.pending(r.name, lengths), window, stride, max_docs,
                        bucket0, progress=r.name if verbose else None, positions=positions, on_record=on_record,
-                       **score_kwargs)
+                       check_stop=check_stop, **score_kwargs)
 
     try:
-        for _ in runs.each_run([r for r in planned if log.pending(r.name, lengths)], evaluate, backend, dtype,
-                               cp_comm):
+        for _ in runs.each_run(unscored(), evaluate, backend, dtype, cp_comm):
             pass  # each record was logged, and written, as it completed
+    except Stopped as e:
+        where = f" (in {out_dir}/results.json); run the same command to resume" if out_dir else ""
+        if out_dir and main:
+            write_json_atomic(os.path.join(out_dir, UNFINISHED), {"settings": settings, "stopped": e.signal or True})
+        raise Stopped(e.signal, f"stopped by {e.signal or 'a signal to another rank'} with {len(log.records)} of "
+                                f"{total} (run, length) results done{where}") from None
     finally:
         if own_init:
             parallel.destroy()
     records = in_order(log.records)
     if out_dir and main:
         write_results(records, out_dir)
+        os.remove(os.path.join(out_dir, UNFINISHED))
     if verbose and main:
         print()
         print(format_table(records))
