@@ -292,7 +292,8 @@ def _add_eval(sub) -> None:
     p.add_argument("--lengths", type=_length_list, required=True, metavar="L1,L2,...",
                    help="evaluation lengths in tokens, e.g. 4K,8K,16K (each divisible by 2*CP*TP)")
     p.add_argument("--variants", type=lambda t: [v for v in t.split(",") if v.strip()], metavar="V1,V2,...",
-                   help="as-trained, dynamic-ntk, log-scaled, base=B, or several joined by '+' "
+                   help="as-trained, dynamic-ntk, log-scaled, base=B, yarn=F (YaRN by F from the trained length), "
+                        "or several joined by '+' "
                         "(default: the one --rope-base/--dynamic-ntk/--log-scale describe)")
     _add_rope_and_layout(p)
     p.add_argument("--window", type=_length, metavar="W",
