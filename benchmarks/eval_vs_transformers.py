@@ -32,16 +32,13 @@ import time
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-import peak_memory  # noqa: E402 - the benchmarks' own helper, beside this file
-
-from megarope.units import format_tokens, parse_tokens  # noqa: E402
+import peak_memory  # benchmarks/, this script's folder
+from megarope.units import format_tokens, parse_tokens
 
 VOCAB, MAX_LEN, WARMUP = 32000, 32768, 256
-CONFIG = dict(vocab_size=VOCAB, hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=4, max_position_embeddings=MAX_LEN, rope_theta=10000.0, rms_norm_eps=1e-5,
-              tie_word_embeddings=False)
+CONFIG = {"vocab_size": VOCAB, "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 2,
+          "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": MAX_LEN, "rope_theta": 10000.0,
+          "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
 
 
 def make_model(hf_dir: str) -> None:
@@ -100,7 +97,7 @@ def child(side: str, hf_dir: str, length: int) -> dict:
 def measure(side: str, hf_dir: str, length: int) -> dict:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
     out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", side, "--hf", hf_dir,
-                          "--lengths", str(length)], env=env, capture_output=True, text=True)
+                          "--lengths", str(length)], env=env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise SystemExit(f"{side} at {length} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
