@@ -285,7 +285,7 @@ def check_tokenizer(tokenizer: Tokenizer, model_vocab: int, recorded_vocab: int 
         raise UsageError(f"byte tokens ({n} ids) cannot belong to {model}, whose vocabulary has {model_vocab:,} tokens")
     if recorded_vocab is not None and n != recorded_vocab:
         raise UsageError(f"tokenizer {tokenizer.spec} has {n:,} tokens, but {model} was made with a tokenizer of "
-                         f"{recorded_vocab:,}: not its tokenizer")
+                         f"{recorded_vocab:,}: not this model's tokenizer")
 
 
 def _as_tokenizer(tokenizer: Tokenizer | str | os.PathLike) -> Tokenizer:

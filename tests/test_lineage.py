@@ -119,6 +119,7 @@ def test_llama3_like_model_continued_with_a_new_base_keeps_its_lineage(tmp_path,
     assert "train length 8192" in banner and "(pretraining base 5e+05)" in banner
     assert data.load_tokenizer(checkpoint.tokenizer_path(summary["checkpoint"])).digest == \
         data.load_tokenizer(tmp_path / "hf").digest  # the HF tokenizer travelled on into the training checkpoint
+    assert meta["tokenizer_digest"] == data.load_tokenizer(tmp_path / "hf").digest  # and is recorded by content
     expected = scaling.plan_base(16, 8192, 1e6, 8192, 5e5)
     assert L.predicted_bound(meta, 1e6) == (expected.extrapolation_bound, expected.regime)
     assert main(["plan", "--from", str(tmp_path / "run"), "--json"]) == 0  # a training run: its latest step
