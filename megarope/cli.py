@@ -252,7 +252,8 @@ def _float_list(text: str) -> list[float]:
 
 
 def _add_rope_and_layout(p) -> None:
-    p.add_argument("--tokenizer", metavar="PATH|bytes", help="tokenizer (default: the checkpoint's own)")
+    p.add_argument("--tokenizer", metavar="PATH|DIR|bytes",
+                   help="tokenizer (default: the checkpoint's own); one the checkpoint was not made with is refused")
     p.add_argument("--tp", type=_positive_int, default=1, help="tensor-parallel size (default 1)")
     p.add_argument("--cp", type=_positive_int, default=1, help="context-parallel size: the sequence is split over "
                    "CP ranks (default 1; run under torchrun for more than one rank)")
@@ -290,13 +291,15 @@ def _add_eval(sub) -> None:
                                    "--nproc-per-node N -m megarope eval ... (TP x CP x DP); Slurm: sbatch "
                                    "launch/slurm.sbatch eval ...")
     p.add_argument("--checkpoint", action="append", required=True, metavar="DIR",
-                   help="a megarope checkpoint, or a training run's directory (its latest step); repeatable")
+                   help="a megarope checkpoint, a training run's directory (its latest step), or an HF model "
+                        "directory (llama, mistral, qwen2: converted in memory, its own tokenizer); repeatable")
     p.add_argument("--data", nargs="+", action="extend", required=True, metavar="FILE",
                    help=".txt (one document), .jsonl with a \"text\" field, or a directory of them")
     p.add_argument("--lengths", type=_length_list, required=True, metavar="L1,L2,...",
                    help="evaluation lengths in tokens, e.g. 4K,8K,16K (each divisible by 2*CP*TP)")
     p.add_argument("--variants", type=lambda t: [v for v in t.split(",") if v.strip()], metavar="V1,V2,...",
-                   help="as-trained, dynamic-ntk, log-scaled, base=B, or several joined by '+' "
+                   help="as-trained, dynamic-ntk, log-scaled, base=B, yarn=F (YaRN by F from the trained length), "
+                        "or several joined by '+' "
                         "(default: the one --rope-base/--dynamic-ntk/--log-scale describe)")
     _add_rope_and_layout(p)
     p.add_argument("--window", type=_length, metavar="W",
@@ -320,8 +323,10 @@ def _precheck(args, checkpoints: list[str]) -> None:
                 raise UsageError(f"{name} {n} is not divisible by 2*CP*TP = {unit}")
     for ckpt in checkpoints:
         if not os.path.isdir(ckpt) or not (os.path.isfile(os.path.join(ckpt, "megarope.json"))
+                                           or os.path.isfile(os.path.join(ckpt, "config.json"))
                                            or any(n.startswith("step_") for n in os.listdir(ckpt))):
-            raise UsageError(f"not a megarope checkpoint (no megarope.json): {ckpt}")
+            raise UsageError(f"not a megarope checkpoint (no megarope.json) nor an HF model directory "
+                             f"(no config.json): {ckpt}")
     for path in getattr(args, "data", None) or []:
         if not os.path.exists(path):
             raise UsageError(f"--data {path}: not found")
@@ -350,7 +355,8 @@ def _add_passkey(sub) -> None:
                        description="Hide a random 5-digit pass key at each depth of filler text of each length and "
                                    "ask for it. Scored teacher-forced: a trial passes when the argmax at every answer "
                                    "token is right (the same verdict as greedy decoding, in one forward pass).")
-    p.add_argument("--checkpoint", required=True, metavar="DIR", help="a megarope checkpoint")
+    p.add_argument("--checkpoint", required=True, metavar="DIR",
+                   help="a megarope checkpoint, a training run's directory, or an HF model directory")
     p.add_argument("--lengths", type=_length_list, required=True, metavar="L1,L2,...",
                    help="prompt lengths in tokens (each divisible by 2*CP*TP)")
     p.add_argument("--depths", type=_float_list, default=[0.0, 0.25, 0.5, 0.75, 1.0], metavar="D1,D2,...",

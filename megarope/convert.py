@@ -398,7 +398,22 @@ def _meta(source: HFSource, preset, rope, backend: str, tp: int) -> dict:
             "tokenizer": tok.spec if tok is not None and tok.path is None else None}  # "bytes"; files: finish_save
     if tok is not None:
         meta.update(tokenizer_vocab_size=tok.vocab_size, tokenizer_bos=tok.bos, tokenizer_eod=tok.eod,
-                    tokenizer_files=[os.path.basename(f) for f in tok.files])
+                    tokenizer_files=[os.path.basename(f) for f in tok.files], tokenizer_digest=tok.digest)
+    return meta
+
+
+def hf_meta(source: HFSource) -> dict:
+    """What a converted checkpoint's megarope.json would hold for an inspected HF directory, without
+    building anything; "tokenizer" is the spec of the tokenizer it would carry (its path, or "bytes")."""
+    from megarope.model import Preset
+    from megarope.rope import RopeConfig
+
+    try:
+        rope = RopeConfig(**source.rope)
+    except ValueError as e:
+        raise UsageError(f"RoPE: {e}") from None
+    meta = _meta(source, Preset(**source.preset), rope, "local", tp=1)
+    meta["tokenizer"] = source.tokenizer.spec if source.tokenizer is not None else None
     return meta
 
 
@@ -422,10 +437,8 @@ def load_hf(hf_dir: str, backend: str = "local", rope_overrides: dict | None = N
     (any TP/CP), converted in memory: nothing is written. Returns (model, metadata); the metadata is what
     a converted checkpoint's megarope.json would hold, with "tokenizer" the tokenizer's own spec (a path)."""
     source = inspect_hf(hf_dir, tokenizer)
-    model, preset, rope = _build_and_fill(source, backend, rope_overrides, **config_kwargs)
-    meta = _meta(source, preset, rope, backend, tp=1)
-    meta["tokenizer"] = source.tokenizer.spec if source.tokenizer is not None else None
-    return model, meta
+    model, _, _ = _build_and_fill(source, backend, rope_overrides, **config_kwargs)
+    return model, {**hf_meta(source), "backend": backend}
 
 
 def _check_destination(path: str) -> None:

@@ -80,10 +80,16 @@ class Tokenizer(MegatronTokenizerBase):
         return [self.path] if self.path is not None else []
 
     @property
+    def defining_files(self) -> list[str]:
+        """The files that decide how text is tokenized: what ``digest`` hashes."""
+        return self.files
+
+    @property
     def digest(self) -> str:
-        """Names the tokenizer by content: equal digests, equal tokenization (wherever the files lie)."""
+        """Names the tokenizer by content: equal digests, equal tokenization (wherever the files lie).
+        Checkpoints record it ("tokenizer_digest"), so a tokenizer that is not theirs is refused."""
         h = hashlib.sha256(self.name.encode())
-        for path in self.files:
+        for path in self.defining_files:
             h.update(os.path.basename(path).encode() + b"\0")
             with open(path, "rb") as f:
                 h.update(hashlib.sha256(f.read()).digest())
@@ -213,6 +219,11 @@ class HFTokenizer(Tokenizer):
         return [os.path.join(self.path, f) for f in HF_TOKENIZER_FILES if os.path.isfile(os.path.join(self.path, f))]
 
     @property
+    def defining_files(self) -> list[str]:
+        # a chat template changes no tokenization (and is out of megarope's scope): editing it keeps the digest
+        return [f for f in self.files if os.path.basename(f) != "chat_template.jinja"]
+
+    @property
     def vocab_size(self) -> int:
         return self._hf.vocab_size  # len(): added tokens included, as the model's embedding must hold them
 
@@ -269,12 +280,12 @@ def check_tokenizer(tokenizer: Tokenizer, model_vocab: int, recorded_vocab: int 
     n = tokenizer.vocab_size
     if n > model_vocab:
         raise UsageError(f"tokenizer {tokenizer.spec} has {n:,} tokens, but {model} has a vocabulary of "
-                         f"{model_vocab:,}: not its tokenizer")
+                         f"{model_vocab:,}: not this model's tokenizer")
     if isinstance(tokenizer, ByteTokenizer) and model_vocab != n:
         raise UsageError(f"byte tokens ({n} ids) cannot belong to {model}, whose vocabulary has {model_vocab:,} tokens")
     if recorded_vocab is not None and n != recorded_vocab:
         raise UsageError(f"tokenizer {tokenizer.spec} has {n:,} tokens, but {model} was made with a tokenizer of "
-                         f"{recorded_vocab:,}: not its tokenizer")
+                         f"{recorded_vocab:,}: not this model's tokenizer")
 
 
 def _as_tokenizer(tokenizer: Tokenizer | str | os.PathLike) -> Tokenizer:

@@ -493,7 +493,8 @@ class Trainer:
     def checkpoint_meta(self, state: TrainState) -> dict:
         """megarope.json of a training checkpoint: the model, its RoPE and tokenizer, how it was trained."""
         t = self.cfg.train
-        return checkpoint.model_meta(self.chunks[0], tokenizer=self.tokenizer.spec, step=state.step,
+        return checkpoint.model_meta(self.chunks[0], tokenizer=self.tokenizer.spec,
+                                     tokenizer_digest=self.tokenizer.digest, step=state.step,
                                      trained={"seq_len": t.seq_len, "tokens": state.consumed_samples * t.seq_len,
                                               **self._precision()},
                                      lineage=self.lineage.to_dict())

@@ -206,7 +206,7 @@ def test_tokenizer_travels_and_bos_follows_its_config(models):
             ["tokenizer.json", "tokenizer_config.json"]
         tok = data.load_tokenizer(checkpoint.tokenizer_path(str(mcore)))
         assert (tok.bos, meta["tokenizer_bos"], tok.vocab_size) == (bos, bos, VOCAB), name
-        assert tok.digest == data.load_tokenizer(hf).digest
+        assert tok.digest == data.load_tokenizer(hf).digest == meta["tokenizer_digest"]
 
 
 def test_config_forms():

@@ -134,6 +134,21 @@ def test_copy_tokenizer_takes_only_tokenizer_files(tmp_path):
     assert data.copy_tokenizer("bytes", str(tmp_path / "ckpt")) is None
 
 
+def test_digest_names_the_tokenization(tmp_path):
+    """Equal files, equal digest wherever they lie; a chat template does not count, tokenizer_config.json does."""
+    import shutil
+
+    tok = tokenizer_dir(tmp_path / "tok", "llama3")
+    same = shutil.copytree(tok, tmp_path / "same")
+    (same / "chat_template.jinja").write_text("{{ messages }}")
+    digest = data.load_tokenizer(tok).digest
+    assert data.load_tokenizer(same).digest == digest
+    config = json.loads((same / "tokenizer_config.json").read_text())
+    (same / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": False}))
+    assert data.load_tokenizer(same).digest != digest
+    assert data.load_tokenizer("bytes").digest == data.load_tokenizer("bytes").digest != digest
+
+
 def test_check_tokenizer(tmp_path):
     tok = data.load_tokenizer(tokenizer_dir(tmp_path / "tok", "qwen2"))
     data.check_tokenizer(tok, 320)  # a model may pad its vocabulary beyond the tokenizer's (Qwen2 does)

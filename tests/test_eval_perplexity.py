@@ -73,32 +73,27 @@ def _cli(*args, cwd=REPO, **kwargs):
 
 
 def test_eval_cli_matches_transformers(tmp_path):
-    """`megarope eval` of a converted random tiny HF LLaMA == exp(transformers' loss), per length."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """`megarope eval` of a converted random tiny HF LLaMA with its own BPE tokenizer (trained in the test;
+    300 tokens, the model's vocabulary padded to 384) == exp(transformers' loss), per length."""
+    from hf_models import random_hf
 
-    from megarope import convert, parallel
+    from megarope import convert, data, parallel
 
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=384, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-                         intermediate_size=128, num_hidden_layers=2, max_position_embeddings=128,
-                         rope_theta=500.0, tie_word_embeddings=False, dtype="float32", attn_implementation="eager")
-    hf = LlamaForCausalLM(config).float().eval()
-    with torch.no_grad():  # weights large enough that the perplexity is far from uniform
-        for name, p in hf.named_parameters():
-            p.copy_(1 + 0.1 * torch.randn_like(p) if name.endswith("norm.weight") else 0.1 * torch.randn_like(p))
-    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    hf = random_hf(tmp_path / "hf", "llama", tokenizer="llama3", rope_theta=500.0)
     try:
         convert.hf_to_mcore(str(tmp_path / "hf"), str(tmp_path / "mcore"))
     finally:
         parallel.destroy()
     text = corpus_texts()[0]
     (tmp_path / "doc.txt").write_text(text)
-    r = _cli("eval", "--checkpoint", str(tmp_path / "mcore"), "--tokenizer", "bytes", "--data",
-             str(tmp_path / "doc.txt"), "--lengths", "128,512", "--out", str(tmp_path / "out"))
+    r = _cli("eval", "--checkpoint", str(tmp_path / "mcore"), "--data", str(tmp_path / "doc.txt"),
+             "--lengths", "128,512", "--out", str(tmp_path / "out"))
     assert r.returncode == 0, r.stderr
     assert "perplexity" in r.stdout and "mcore:as-trained" in r.stdout
     got = {rec["length"]: rec for rec in json.loads((tmp_path / "out" / "results.json").read_text())}
-    ids = torch.tensor(list(text.encode("utf-8")))
+    tok = data.load_tokenizer(tmp_path / "hf")
+    ids = torch.tensor([tok.bos] + tok.encode(text))  # the checkpoint's tokenizer, BOS first (Llama-3's manner)
+    assert got[128]["tokenizer"] == str(tmp_path / "mcore" / "tokenizer") and tok.bos == 0
     for length in (128, 512):
         with torch.no_grad():
             out = hf(ids[None, :length], labels=ids[None, :length])
@@ -106,7 +101,7 @@ def test_eval_cli_matches_transformers(tmp_path):
         assert got[length]["ppl"] == pytest.approx(expected, rel=1e-4), length
         accuracy = (out.logits[0, :-1].argmax(-1) == ids[1:length]).float().mean().item()
         assert got[length]["accuracy"] == pytest.approx(accuracy, abs=1e-6)
-    assert abs(math.log(got[128]["ppl"]) - math.log(384)) > 0.1  # far from uniform: the comparison means something
+    assert abs(math.log(got[128]["ppl"]) - math.log(300)) > 0.1  # far from uniform: the comparison means something
     # the converted checkpoint's scaling-law inputs: pretraining length = max_position_embeddings, base 500
     assert got[128]["pretrain_len"] == 128 and got[128]["base"] == 500
 

@@ -119,9 +119,17 @@ def test_llama3_like_model_continued_with_a_new_base_keeps_its_lineage(tmp_path,
     assert "train length 8192" in banner and "(pretraining base 5e+05)" in banner
     assert data.load_tokenizer(checkpoint.tokenizer_path(summary["checkpoint"])).digest == \
         data.load_tokenizer(tmp_path / "hf").digest  # the HF tokenizer travelled on into the training checkpoint
+    assert meta["tokenizer_digest"] == data.load_tokenizer(tmp_path / "hf").digest  # and is recorded by content
     expected = scaling.plan_base(16, 8192, 1e6, 8192, 5e5)
     assert L.predicted_bound(meta, 1e6) == (expected.extrapolation_bound, expected.regime)
     assert main(["plan", "--from", str(tmp_path / "run"), "--json"]) == 0  # a training run: its latest step
     plan = json.loads(capsys.readouterr().out)
     assert (plan["train_len"], plan["pretrain_base"], plan["bases"][0]["base"]) == (8192, 5e5, 1e6)
     assert plan["bases"][0]["extrapolation_bound"] == expected.extrapolation_bound
+    # eval predicts the bound from that lineage too (500000 and 8192, not LLaMA's 10000)
+    from megarope.eval import perplexity
+
+    (rec,) = perplexity.run([str(tmp_path / "run")], [str(corpus)], [64], verbose=False)
+    assert (rec["base"], rec["pretrain_base"], rec["pretrain_len"]) == (1e6, 5e5, 8192)
+    assert (rec["predicted_bound"], rec["regime"]) == (expected.extrapolation_bound, expected.regime)
+    assert rec["predicted_bound"] != scaling.plan_base(16, 8192, 1e6, 8192, 1e4).extrapolation_bound

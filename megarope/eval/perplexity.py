@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from megarope import parallel, plots
+from megarope import lineage, parallel, plots
 from megarope.signals import StopSignals, Stopped
 from megarope.errors import UsageError
 from megarope.eval import documents, memory, metrics, runs, scoring
@@ -186,7 +186,8 @@ def _evaluate_by_prefix(model, docs, lengths, max_docs, bucket0, progress, posit
 def run_record(run: runs.Run, model, result: dict, window: int | None, stride: int | None) -> dict:
     """A result of evaluate_model with what identifies it: the run, its RoPE, the scaling law's bound."""
     rope = model.megarope_rope
-    bound, regime = runs.predicted_bound(run.meta, rope.base)
+    bound, regime = lineage.predicted_bound(run.meta, rope.base)
+    pretraining = lineage.lineage_of(run.meta)
     scored_len = window if window is not None and window < result["length"] else result["length"]
     effective = rope.base
     if rope.dynamic_ntk:
@@ -194,7 +195,8 @@ def run_record(run: runs.Run, model, result: dict, window: int | None, stride: i
                                      rope.ntk_alpha)
     return {"run": run.name, "checkpoint": run.checkpoint, "variant": run.variant.name, "base": rope.base,
             "effective_base": effective, "dynamic_ntk": rope.dynamic_ntk, "log_scale_ref": rope.log_scale_ref,
-            "tune_len": rope.train_len, "pretrain_len": runs.pretraining_of(run.meta)[0], "predicted_bound": bound,
+            "tune_len": rope.train_len, "pretrain_len": pretraining.pretrain_len,
+            "pretrain_base": pretraining.pretrain_base, "predicted_bound": bound,
             "regime": regime, "window": window, "stride": (stride or window // 2) if window else None,
             "tokenizer": run.tokenizer.spec, **result}
 

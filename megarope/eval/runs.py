@@ -1,8 +1,11 @@
-"""Run orchestration: which (checkpoint, variant) pairs to evaluate, their tokenizers and scaling-law
-inputs, the parallel state, and the checkpoint loop that holds one model at a time.
+"""Run orchestration: which (checkpoint, variant) pairs to evaluate, their tokenizers, the parallel
+state, and the checkpoint loop that holds one model at a time.
 
 A *run* is one (checkpoint, variant) pair, named "<checkpoint label>:<variant>". RoPE has no weights,
-so every variant loads the same checkpoint with other RoPE settings.
+so every variant loads the same checkpoint with other RoPE settings. A checkpoint is a megarope
+checkpoint (verified against its manifest before it is loaded) or an HF model directory, converted in
+memory by convert.load_hf with the tokenizer found beside it -- nothing is written. The scaling law's
+inputs come from the checkpoint's lineage (megarope.lineage).
 
 The loop (:func:`each_run`) loads a run's model, hands it to the caller's evaluation function, and
 frees it -- every reference dropped, garbage collected, the CUDA cache emptied -- before the next one
@@ -14,7 +17,6 @@ earlier, interrupted evaluation already finished, so a rerun can skip them.
 from __future__ import annotations
 
 import gc
-import hashlib
 import importlib.util
 import os
 import warnings
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from megatron.core import parallel_state
 
-from megarope import attention, checkpoint, data, parallel, scaling
+from megarope import attention, checkpoint, convert, data, parallel
 from megarope.errors import UsageError
 from megarope.eval.scoring import model_parallel_sizes
 from megarope.eval.variants import Variant
@@ -55,8 +57,15 @@ class Run:
 
 
 # ----------------------------------------------------------------------------------------------- planning
+def is_hf_model(path: str) -> bool:
+    """An HF model directory (config.json, no megarope.json): evaluated converted in memory (convert.load_hf)."""
+    return os.path.isfile(os.path.join(path, "config.json")) and not os.path.isfile(os.path.join(path, checkpoint.META))
+
+
 def resolve_checkpoint(path: str) -> str:
-    """A checkpoint directory; a training run's root stands for its latest complete step."""
+    """A checkpoint directory or HF model directory; a training run's root stands for its latest complete step."""
+    if is_hf_model(path):
+        return path
     if not os.path.isfile(os.path.join(path, checkpoint.META)) and os.path.isdir(path):
         latest = checkpoint.latest_checkpoint(path)
         if latest is not None:
@@ -77,75 +86,48 @@ def checkpoint_labels(checkpoints: Sequence[str]) -> list[str]:
     return [f"{label}#{i}" for i, label in enumerate(labels)]
 
 
-def _file_digest(path: str) -> str | None:
-    if not os.path.isfile(path):
-        return None
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+def read_checkpoint(path: str) -> tuple[dict, object]:
+    """(metadata, the tokenizer it carries: a Tokenizer, a spec, or None) of a megarope checkpoint, or of
+    an HF model directory as its conversion would record them (config, tensor names and shapes and the
+    directory's tokenizer are checked; no weight is read)."""
+    if is_hf_model(path):
+        source = convert.inspect_hf(path)
+        return convert.hf_meta(source), source.tokenizer
+    return checkpoint.read_meta(path), checkpoint.tokenizer_path(path)
 
 
-def resolve_tokenizer(checkpoint_dir: str, meta: dict, tokenizer=None):
+def resolve_tokenizer(checkpoint_dir: str, meta: dict, tokenizer=None, own=None):
     """The tokenizer to evaluate ``checkpoint_dir`` with, checked against the model.
 
-    ``tokenizer`` ("bytes", a .model path, or None for the checkpoint's own). It must not have more
-    tokens than the model's vocabulary, and when the checkpoint records a tokenizer, a different one
-    (another vocabulary size, or another sentencepiece file's contents) is refused.
+    ``tokenizer``: "bytes", a .model path, an HF tokenizer directory, or None for ``own``, the one the
+    checkpoint carries (a Tokenizer or its spec; None: it carries none). Refused in one line: a tokenizer
+    with more tokens than the model's vocabulary, byte tokens for a model not made for them, and one that
+    is not the tokenizer the checkpoint was made with -- its content digest differs from the recorded
+    "tokenizer_digest" (or, for checkpoints written before digests, from the digest of the one it carries).
     """
-    own = checkpoint.tokenizer_path(checkpoint_dir)
     if tokenizer is None:
         if own is None:
-            raise UsageError(f"checkpoint {checkpoint_dir} records no tokenizer: pass --tokenizer (bytes or a .model)")
-        tok = data.load_tokenizer(own)
+            raise UsageError(f"checkpoint {checkpoint_dir} records no tokenizer: pass --tokenizer (bytes, a .model "
+                             f"or an HF tokenizer directory)")
+        tok = own if isinstance(own, data.Tokenizer) else data.load_tokenizer(own)
     else:
         tok = data.load_tokenizer(tokenizer)
-        if own is not None:
-            recorded = data.load_tokenizer(own)
-            same = recorded.vocab_size == tok.vocab_size and (
-                recorded.path is None and tok.path is None and recorded.name == tok.name
-                or recorded.path is not None and tok.path is not None
-                and _file_digest(recorded.path) == _file_digest(tok.path))
-            if not same:
-                raise UsageError(f"tokenizer {tokenizer} ({tok.vocab_size} tokens) does not match the one "
-                                 f"checkpoint {checkpoint_dir} records ({recorded.spec}, {recorded.vocab_size} tokens)")
-    model_vocab = meta["preset"]["vocab_size"]
-    if tok.vocab_size > model_vocab:
-        raise UsageError(f"tokenizer {tok.spec} has {tok.vocab_size} tokens but the model of {checkpoint_dir} "
-                         f"has a vocabulary of {model_vocab}: not this model's tokenizer")
+    data.check_tokenizer(tok, meta["preset"]["vocab_size"], meta.get("tokenizer_vocab_size"),
+                         model=f"the model of {checkpoint_dir}")
+    recorded = meta.get("tokenizer_digest")
+    if recorded is None and tokenizer is not None and own is not None:
+        recorded = (own if isinstance(own, data.Tokenizer) else data.load_tokenizer(own)).digest
+    if recorded is not None and tok.digest != recorded:
+        made_with = f"{meta['tokenizer_vocab_size']:,}-token " if meta.get("tokenizer_vocab_size") else ""
+        raise UsageError(f"tokenizer {tok.spec} ({tok.vocab_size:,} tokens) is not the {made_with}tokenizer "
+                         f"{checkpoint_dir} was made with (their contents differ): not this model's tokenizer")
     return tok
-
-
-def pretraining_of(meta: dict) -> tuple[int, float]:
-    """(T_train, pretraining base) for the scaling law: what the model was *originally* trained with.
-
-    An explicit meta "pretrain_len"/"pretrain_base" wins; otherwise the preset's max_seq_len (a converted
-    HF checkpoint stores max_position_embeddings there) and, for a converted checkpoint, its rope_theta,
-    else LLaMA's 10000.
-    """
-    train_len = int(meta.get("pretrain_len") or meta["preset"]["max_seq_len"])
-    base = meta.get("pretrain_base")
-    if base is None and meta.get("source") == "hf":
-        cfg = meta.get("hf_config") or {}
-        base = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta")
-    return train_len, float(base or scaling.LLAMA_PRETRAIN_BASE)
-
-
-def predicted_bound(meta: dict, base: float) -> tuple[float | None, str | None]:
-    """Theorem 3's extrapolation bound for evaluating at ``base`` (None where it gives none or cannot apply)."""
-    preset = meta["preset"]
-    head_dim = preset["hidden_size"] // preset["num_heads"]
-    train_len, pretrain_base = pretraining_of(meta)
-    tune_len = max(int(meta["rope"]["train_len"]), train_len)
-    try:
-        plan = scaling.plan_base(head_dim, train_len, base, tune_len, pretrain_base)
-    except ValueError:
-        return None, None
-    return plan.extrapolation_bound, plan.regime
 
 
 def plan_runs(checkpoints: Sequence[str], variants: Sequence[Variant], tokenizer=None) -> list[Run]:
     """Every (checkpoint, variant) pair, checkpoint-major, with its metadata and checked tokenizer.
 
-    Reads only the checkpoints' metadata and tokenizers: no weights.
+    Reads only the checkpoints' metadata and tokenizers (an HF directory's tensor names and shapes): no weights.
     """
     if not checkpoints:
         raise UsageError("no checkpoint to evaluate")
@@ -153,10 +135,10 @@ def plan_runs(checkpoints: Sequence[str], variants: Sequence[Variant], tokenizer
     checkpoints = [resolve_checkpoint(c) for c in checkpoints]
     if len(set(map(os.path.abspath, checkpoints))) != len(checkpoints):
         raise UsageError("a checkpoint is given twice")
-    metas = [checkpoint.read_meta(c) for c in checkpoints]
-    tokenizers = [resolve_tokenizer(c, m, tokenizer) for c, m in zip(checkpoints, metas)]
     runs = []
-    for label, ckpt, meta, tok in zip(labels, checkpoints, metas, tokenizers):
+    for label, ckpt in zip(labels, checkpoints):
+        meta, own = read_checkpoint(ckpt)
+        tok = resolve_tokenizer(ckpt, meta, tokenizer, own)
         for variant in variants:
             run = Run(f"{label}:{variant.name}", ckpt, variant, meta, tok)
             _ = run.rope  # validate the overrides now, before any model is built
@@ -200,12 +182,20 @@ def pick_backend(backend: str | None, meta: dict) -> str:
 
 def load_run_model(run: Run, backend: str | None = None, dtype: torch.dtype | None = None,
                    cp_comm: str = "auto"):
-    """The run's model: its checkpoint, rebuilt with the run's RoPE variant, for the current parallel state."""
+    """The run's model, rebuilt with the run's RoPE variant for the current parallel state: a megarope
+    checkpoint verified against its manifest first (collective), or an HF directory converted in memory."""
+    overrides = run.variant.rope_overrides(run.meta["rope"])
+    backend, dtype = pick_backend(backend, run.meta), dtype or default_dtype()
     with warnings.catch_warnings():  # torch.distributed.checkpoint and megatron warn about CPU/world-of-one loads
         warnings.filterwarnings("ignore", module=r"(torch\.distributed\.checkpoint|megatron)")
-        model = checkpoint.build_from_checkpoint(run.checkpoint, backend=pick_backend(backend, run.meta),
-                                                 rope_overrides=run.variant.rope_overrides(run.meta["rope"]),
-                                                 dtype=dtype or default_dtype())
+        if is_hf_model(run.checkpoint):
+            model, _ = convert.load_hf(run.checkpoint, backend, overrides, dtype=dtype)
+        else:
+            problem = checkpoint.verify_checkpoint(run.checkpoint)  # a damaged file loads without complaint
+            if problem:
+                raise UsageError(f"checkpoint {run.checkpoint}: {problem}")
+            model = checkpoint.build_from_checkpoint(run.checkpoint, backend=backend, rope_overrides=overrides,
+                                                     dtype=dtype)
     attention.set_cp_comm(model, cp_comm)
     return model
 

@@ -1,7 +1,7 @@
 """Evaluation-time RoPE variants: how one checkpoint is read at lengths past its training.
 
-A variant is "as-trained", or parts joined by "+": "dynamic-ntk", "log-scaled", "base=B"
-(e.g. "dynamic-ntk+log-scaled"). RoPE has no weights, so a variant is only a set of overrides of
+A variant is "as-trained", or parts joined by "+": "dynamic-ntk", "log-scaled", "base=B", "yarn=F"
+(e.g. "dynamic-ntk+log-scaled", "yarn=4+base=5e5"). RoPE has no weights, so a variant is only a set of overrides of
 the checkpoint's RoPE config (checkpoint.build_from_checkpoint's rope_overrides). Pure Python: no torch.
 
 A new part is one entry in FLAG_PARTS (a word) or VALUE_PARTS (a "key=value": its placeholder for
@@ -28,6 +28,7 @@ class Variant:
     log_scaled: bool = False
     log_scale_ref: int | None = None  # T_ref; None: the checkpoint's RoPE train_len (its tuning length)
     base: float | None = None
+    yarn_factor: float | None = None  # YaRN by this factor, from the checkpoint's trained length
 
     def rope_overrides(self, rope: dict) -> dict:
         """The RopeConfig fields this variant changes, given the checkpoint's RoPE config ``rope``."""
@@ -41,7 +42,24 @@ class Variant:
             if ref < 2:
                 raise UsageError(f"log-scaled attention needs T_ref >= 2, got {ref}")
             out["log_scale_ref"] = ref
+        if self.yarn_factor is not None:
+            out["yarn"] = self._yarn(rope)
         return out
+
+    def _yarn(self, rope: dict) -> dict:
+        """megatron-core's YaRN (rope.Yarn fields, the same path convert maps config.json's "yarn" onto) by
+        ``yarn_factor``, its original length the checkpoint's trained length (train_len); a checkpoint that
+        ships YaRN keeps its own original length and ramp, with the new factor."""
+        name = f"yarn={self.yarn_factor:g}"
+        for key, what in (("linear_factor", "linear interpolation"), ("llama3_factor", "Llama-3 scaling")):
+            if rope.get(key) is not None:
+                raise UsageError(f"variant {name}: the checkpoint already scales RoPE ({what} x{rope[key]:g}); "
+                                 f"YaRN applies to a checkpoint with a plain RoPE or YaRN")
+        if float(rope.get("rotary_percent", 1.0)) != 1.0:
+            raise UsageError(f"variant {name}: megatron's YaRN rotates whole heads, and the checkpoint rotates "
+                             f"{rope['rotary_percent']:g} of each")
+        own = rope.get("yarn") or {"original_len": int(rope["train_len"])}
+        return {**own, "factor": float(self.yarn_factor)}
 
 
 def _base(value: str, text: str) -> dict:
@@ -54,8 +72,19 @@ def _base(value: str, text: str) -> dict:
     return {"base": base}
 
 
+def _yarn_factor(value: str, text: str) -> dict:
+    try:
+        factor = float(value)
+    except ValueError:
+        raise UsageError(f"variant {text!r}: {value!r} is not a number") from None
+    if not factor >= 1:  # also refuses nan
+        raise UsageError(f"variant {text!r}: the YaRN factor must be >= 1 (it stretches the trained length)")
+    return {"yarn_factor": factor}
+
+
 FLAG_PARTS: dict[str, dict] = {"dynamic-ntk": {"dynamic_ntk": True}, "log-scaled": {"log_scaled": True}}
-VALUE_PARTS: dict[str, tuple[str, Callable[[str, str], dict]]] = {"base": ("B", _base)}  # key: (placeholder, parser)
+VALUE_PARTS: dict[str, tuple[str, Callable[[str, str], dict]]] = {  # key: (placeholder, parser)
+    "base": ("B", _base), "yarn": ("F", _yarn_factor)}
 
 
 def _part_fields(part: str, text: str) -> dict:
@@ -70,7 +99,8 @@ def _part_fields(part: str, text: str) -> dict:
 
 
 def parse_variant(text: str, rope_base: float | None = None, log_scale_ref: int | None = None) -> Variant:
-    """"as-trained", "dynamic-ntk", "log-scaled", "base=B", or several of the last three joined by "+".
+    """"as-trained", "dynamic-ntk", "log-scaled", "base=B", "yarn=F", or several of the last four joined by "+"
+    (dynamic NTK rescales a plain base, so "dynamic-ntk" and "yarn=F" do not combine).
 
     ``rope_base`` (--rope-base) applies where the text names no base; ``log_scale_ref`` (--log-scale)
     is the T_ref of a log-scaled variant. Both show in the name.
@@ -83,6 +113,8 @@ def parse_variant(text: str, rope_base: float | None = None, log_scale_ref: int 
         if part == "as-trained" and len(parts) == 1:
             continue
         variant = replace(variant, **_part_fields(part, text))
+    if variant.dynamic_ntk and variant.yarn_factor is not None:
+        raise UsageError(f"variant {text!r}: dynamic-ntk rescales a plain base; it does not combine with yarn")
     name = "+".join(p for p in parts if p != "as-trained") or "as-trained"
     if rope_base is not None and not any(p.startswith("base=") for p in parts):
         name = f"{name}+base={rope_base:g}" if name != "as-trained" else f"base={rope_base:g}"
