@@ -395,17 +395,23 @@ def _run(planned, tokenized, lengths, out_dir, settings, resume, stop, *, tp, cp
         return sorted(records, key=lambda rec: order[rec["run"], rec["length"]])
 
     resumed = _resumable(out_dir, planned, lengths, window, stride) if resume and out_dir else ()
-    log = runs.ResultLog((lambda records: write_results(in_order(records), out_dir, figures=False))
-                         if out_dir and main else None, resumed)
     total = len(planned) * len(lengths)
+
+    def mark_unfinished(stopped=None) -> None:
+        os.makedirs(out_dir, exist_ok=True)
+        write_json_atomic(os.path.join(out_dir, UNFINISHED), {"settings": settings, "stopped": stopped})
+
+    def write(records: list[dict]) -> None:
+        # out_dir is touched only once there is something to keep: a checkpoint refused at load leaves none
+        mark_unfinished()
+        write_results(in_order(records), out_dir, figures=False)
+
+    log = runs.ResultLog(write if out_dir and main else None, resumed)
     if out_dir:
         parallel.wait_for_all()  # every rank has read what an earlier evaluation left before it is replaced
-        if main:
-            os.makedirs(out_dir, exist_ok=True)
-            write_json_atomic(os.path.join(out_dir, UNFINISHED), {"settings": settings, "stopped": None})
-            if resumed and verbose:
-                print(f"resuming: {len(resumed)} of {total} (run, length) results are in {out_dir}/results.json",
-                      flush=True)
+        if main and resumed and verbose:
+            print(f"resuming: {len(resumed)} of {total} (run, length) results are in {out_dir}/results.json",
+                  flush=True)
 
     def check_stop() -> None:  # one collective: every rank stops at the same batch, or none does
         if parallel.any_rank(stop.received is not None):
@@ -436,7 +442,7 @@ def _run(planned, tokenized, lengths, out_dir, settings, resume, stop, *, tp, cp
     except Stopped as e:
         where = f" (in {out_dir}/results.json); run the same command to resume" if out_dir else ""
         if out_dir and main:
-            write_json_atomic(os.path.join(out_dir, UNFINISHED), {"settings": settings, "stopped": e.signal or True})
+            mark_unfinished(stopped=e.signal or True)
         raise Stopped(e.signal, f"stopped by {e.signal or 'a signal to another rank'} with {len(log.records)} of "
                                 f"{total} (run, length) results done{where}") from None
     finally:
@@ -445,7 +451,8 @@ def _run(planned, tokenized, lengths, out_dir, settings, resume, stop, *, tp, cp
     records = in_order(log.records)
     if out_dir and main:
         write_results(records, out_dir)
-        os.remove(os.path.join(out_dir, UNFINISHED))
+        if os.path.exists(os.path.join(out_dir, UNFINISHED)):  # absent when every result was resumed
+            os.remove(os.path.join(out_dir, UNFINISHED))
     if verbose and main:
         print()
         print(format_table(records))
