@@ -126,7 +126,7 @@ def test_passkey_of_an_hf_directory_equals_passkey_of_its_conversion(hf_llama):
     assert got[0]["tokenizer"] == str(hf_llama / "hf")
 
 
-def test_tokenizers_and_checkpoints_that_cannot_be_this_model_are_refused(hf_llama, tmp_path):
+def test_tokenizers_and_checkpoints_that_cannot_be_this_model_are_refused(hf_llama, tmp_path, monkeypatch):
     """Each refused before any weight is read (the damaged file: before it loads); UsageError is the
     CLI's one line with exit 2."""
     import json
@@ -165,6 +165,10 @@ def test_tokenizers_and_checkpoints_that_cannot_be_this_model_are_refused(hf_lla
             perplexity.run([str(ckpt)], [str(hf_llama / "doc.txt")], [64], tokenizer=tokenizer and str(tokenizer),
                            out_dir=str(tmp_path / "out"), verbose=False)
     assert not (tmp_path / "out").exists()
+    checked = []
+    monkeypatch.setattr(runs.checkpoint, "verify_checkpoint", lambda path: checked.append(path))
+    perplexity.run([str(mcore)], [str(hf_llama / "doc.txt")], [64], ["as-trained", "base=1000"], verbose=False)
+    assert checked == [str(mcore)]  # once per checkpoint, however many variants read it
 
 
 @pytest.mark.slow

@@ -183,7 +183,7 @@ def pick_backend(backend: str | None, meta: dict) -> str:
 def load_run_model(run: Run, backend: str | None = None, dtype: torch.dtype | None = None,
                    cp_comm: str = "auto"):
     """The run's model, rebuilt with the run's RoPE variant for the current parallel state: a megarope
-    checkpoint verified against its manifest first (collective), or an HF directory converted in memory."""
+    checkpoint, or an HF directory converted in memory."""
     overrides = run.variant.rope_overrides(run.meta["rope"])
     backend, dtype = pick_backend(backend, run.meta), dtype or default_dtype()
     with warnings.catch_warnings():  # torch.distributed.checkpoint and megatron warn about CPU/world-of-one loads
@@ -191,9 +191,6 @@ def load_run_model(run: Run, backend: str | None = None, dtype: torch.dtype | No
         if is_hf_model(run.checkpoint):
             model, _ = convert.load_hf(run.checkpoint, backend, overrides, dtype=dtype)
         else:
-            problem = checkpoint.verify_checkpoint(run.checkpoint)  # a damaged file loads without complaint
-            if problem:
-                raise UsageError(f"checkpoint {run.checkpoint}: {problem}")
             model = checkpoint.build_from_checkpoint(run.checkpoint, backend=backend, rope_overrides=overrides,
                                                      dtype=dtype)
     attention.set_cp_comm(model, cp_comm)
@@ -212,9 +209,17 @@ def each_run(runs: Iterable[Run], evaluate: Callable, backend: str | None = None
     """Yield (run, evaluate(run, model)) for each run, loading one model at a time.
 
     The model lives only in this frame: it is dropped and its memory freed before the next run's
-    model is loaded (``evaluate`` must not keep it).
+    model is loaded (``evaluate`` must not keep it). A megarope checkpoint is verified against its
+    manifest (collective: the hashing is shared out over the ranks) before its first run loads it, once
+    however many variants read it: a damaged file loads without complaint, and is one line here instead.
     """
+    verified = set()
     for run in runs:
+        if run.checkpoint not in verified and not is_hf_model(run.checkpoint):
+            problem = checkpoint.verify_checkpoint(run.checkpoint)
+            if problem:
+                raise UsageError(f"checkpoint {run.checkpoint}: {problem}")
+            verified.add(run.checkpoint)
         model = load_run_model(run, backend, dtype, cp_comm)
         try:
             result = evaluate(run, model)
