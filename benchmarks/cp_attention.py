@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
@@ -32,9 +31,7 @@ import torch.distributed as dist
 
 import peak_memory  # benchmarks/, this script's folder
 from megarope import attention
-from megarope.parallel import free_port
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 COMMS = ("all-gather", "ring")
 
 
@@ -75,17 +72,7 @@ def measure(cp: int, args, env: dict) -> dict:
     command = [sys.executable, os.path.abspath(__file__), "--child", "--tokens-per-rank", str(args.tokens_per_rank),
                "--heads", str(args.heads), "--kv-heads", str(args.kv_heads), "--head-dim", str(args.head_dim),
                "--repeats", str(args.repeats)] + (["--backward"] if args.backward else [])
-    port = str(free_port())
-    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              cwd=os.path.dirname(HERE),
-                              env=dict(env, RANK=str(r), WORLD_SIZE=str(cp), MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
-             for r in range(cp)]
-    ranks = []
-    for proc in procs:
-        stdout, stderr = proc.communicate()
-        if proc.returncode:
-            sys.exit(f"CP {cp} failed:\n{stderr}")
-        ranks.append(json.loads(stdout.strip().splitlines()[-1]))
+    ranks = peak_memory.run_children(command, env, ranks=cp, what=f"CP {cp}")
     row = {"cp": cp, "tokens": cp * args.tokens_per_rank}
     for comm in COMMS:
         row[comm] = {"seconds": statistics.median(ranks[0][comm]["seconds"]),

@@ -39,7 +39,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 import types
@@ -53,11 +52,10 @@ from megarope import attention as attention_mod
 from megarope import parallel
 from megarope.eval import memory, scoring
 from megarope.model import build_model, get_preset
-from megarope.parallel import cp_chunk_ids, cp_local_positions, free_port
+from megarope.parallel import cp_chunk_ids, cp_local_positions
 from megarope.rope import RopeConfig
 from megarope.units import format_tokens, parse_tokens
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_LENGTHS = {1: "1K,2K,4K,8K,16K,32K,64K", 2: "16K,32K,64K,128K"}
 OLD_QUERY_BLOCK = 1024
 
@@ -133,19 +131,7 @@ def measure(length: int, args, attention: str, env: dict) -> dict:
     """One measurement in fresh child processes (CP of them); under CP, the larger peak of the ranks."""
     base = [sys.executable, os.path.abspath(__file__), "--child", str(length), "--dtype", args.dtype,
             "--threads", str(args.threads), "--cp", str(args.cp), "--attention", attention, "--cp-comm", args.cp_comm]
-    port = str(free_port())
-    procs = []
-    for rank in range(args.cp):
-        rank_env = dict(env, RANK=str(rank), WORLD_SIZE=str(args.cp), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                        MASTER_PORT=port) if args.cp > 1 else env
-        procs.append(subprocess.Popen(base, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                      cwd=os.path.dirname(HERE), env=rank_env))
-    rows = []
-    for proc in procs:
-        stdout, stderr = proc.communicate()
-        if proc.returncode:
-            sys.exit(f"length {length} ({attention}) failed:\n{stderr}")
-        rows.append(json.loads(stdout.strip().splitlines()[-1]))
+    rows = peak_memory.run_children(base, env, ranks=args.cp, what=f"length {length} ({attention})")
     row = max(rows, key=lambda r: r["peak_mib"])
     row["peak_mib_by_rank"] = [r["peak_mib"] for r in rows]
     row["seconds"] = max(r["seconds"] for r in rows)

@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -96,11 +95,8 @@ def child(side: str, hf_dir: str, length: int) -> dict:
 
 def measure(side: str, hf_dir: str, length: int) -> dict:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", side, "--hf", hf_dir,
-                          "--lengths", str(length)], env=env, capture_output=True, text=True, check=False)
-    if out.returncode != 0:
-        raise SystemExit(f"{side} at {length} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    command = [sys.executable, os.path.abspath(__file__), "--child", side, "--hf", hf_dir, "--lengths", str(length)]
+    return peak_memory.run_children(command, env, what=f"{side} at {length}")[0]
 
 
 def main() -> None:
