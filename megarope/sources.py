@@ -123,7 +123,8 @@ def gguf_to_hf(path: str, hf_dir: str) -> str:
     state = {k: v.contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
     with atomic_dir(hf_dir) as tmp:
         save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        config.save_pretrained(tmp)
+        # every key, the defaults too: convert reads config.json itself, without transformers' defaults
+        config.to_json_file(os.path.join(tmp, "config.json"), use_diff=False)
         tokenizer.save_pretrained(tmp)
         with open(os.path.join(tmp, GGUF_SOURCE), "w") as f:
             json.dump(_identity(path), f, indent=2)
