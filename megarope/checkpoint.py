@@ -379,6 +379,8 @@ def load_model(model, directory: str) -> None:
 def build_from_checkpoint(directory: str, backend: str | None = None, rope_overrides: dict | None = None, **config_kwargs):
     """Rebuild the model a checkpoint describes (for the current parallel state) and load it.
 
+    Building needs megatron's parallel state: without one (a plain process, or after parallel.destroy())
+    this sets up a world of one (parallel.ensure) and leaves it to the model; parallel.destroy() ends it.
     ``rope_overrides`` changes the RoPE config at load time (a new base, dynamic NTK, log-scaling):
     RoPE has no weights, so any checkpoint can be evaluated or trained with any of them.
     """
@@ -387,6 +389,7 @@ def build_from_checkpoint(directory: str, backend: str | None = None, rope_overr
 
     meta = read_meta(directory)
     rope = RopeConfig(**{**meta["rope"], **(rope_overrides or {})})
+    parallel.ensure()
     model = build_model(Preset(**meta["preset"]), rope, backend or meta.get("backend", "local"), **config_kwargs)
     load_model(model, directory)
     return model

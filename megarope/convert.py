@@ -433,10 +433,14 @@ def _build_and_fill(source: HFSource, backend: str, rope_overrides: dict | None,
 
 def load_hf(hf_dir: str, backend: str = "local", rope_overrides: dict | None = None, tokenizer: str | None = None,
             **config_kwargs):
-    """An HF directory as a built, loaded megarope model for the parallel state already set up
-    (any TP/CP), converted in memory: nothing is written. Returns (model, metadata); the metadata is what
-    a converted checkpoint's megarope.json would hold, with "tokenizer" the tokenizer's own spec (a path)."""
+    """An HF directory as a built, loaded megarope model for the current parallel state (any TP/CP; without
+    one, a world of one, as checkpoint.build_from_checkpoint sets up), converted in memory: nothing is written.
+    Returns (model, metadata); the metadata is what a converted checkpoint's megarope.json would hold, with
+    "tokenizer" the tokenizer's own spec (a path)."""
+    from megarope import parallel
+
     source = inspect_hf(hf_dir, tokenizer)
+    parallel.ensure()
     model, _, _ = _build_and_fill(source, backend, rope_overrides, **config_kwargs)
     return model, {**hf_meta(source), "backend": backend}
 

@@ -13,6 +13,7 @@ import sys
 
 import pytest
 import torch
+from distributed import run_distributed
 
 from megarope import checkpoint, parallel, spec
 from megarope.errors import UsageError
@@ -90,6 +91,24 @@ def test_any_other_key_that_one_side_lacks_is_one_line(world, tmp_path, saved_ha
     assert "\n" not in message and "decoder.final_layernorm.bias" in message
     assert ("not in the model" if saved_has_it else "not in the checkpoint") in message
     assert checkpoint.UNSAFE_PICKLE_ENV not in os.environ
+
+
+def _built_without_parallel_state(directory: str) -> dict:
+    from megatron.core import parallel_state
+
+    assert not parallel_state.model_parallel_is_initialized()
+    model = checkpoint.build_from_checkpoint(directory)
+    return {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
+def test_a_checkpoint_builds_in_a_process_without_parallel_state(world, tmp_path):
+    """A fresh process, no parallel.init() first: as evaluation code calls it after training ended its process
+    group (the GPU's FP8 reload test did, and megatron said its pipeline group was not initialized)."""
+    source = _model(1)
+    checkpoint.save_model(source, str(tmp_path / "ck"))
+    (built,) = run_distributed(_built_without_parallel_state, 1, str(tmp_path / "ck"))
+    expected = {k: v for k, v in source.state_dict().items() if isinstance(v, torch.Tensor)}
+    assert built.keys() == expected.keys() and all(torch.equal(built[k], v) for k, v in expected.items())
 
 
 @pytest.mark.parametrize("before", [None, "0"])

@@ -150,7 +150,7 @@ def run(checkpoint: str, lengths: Sequence[int], depths: Sequence[float] = (0.0,
                          f"{builder.overhead()} tokens with tokenizer {r.tokenizer.spec}")
     keys = make_keys(lengths, depths, trials, seed)
 
-    own_init = runs.ensure_parallel(tp, cp)
+    own_init = parallel.ensure(tp, cp)
     main = parallel.is_main()  # decided now: after the teardown below every rank would look like rank 0
 
     def evaluate(_: runs.Run, model) -> list[dict]:

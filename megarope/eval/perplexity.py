@@ -387,7 +387,7 @@ def run(checkpoints: Sequence[str] | str, docs_or_paths: Sequence, lengths: Sequ
 
 def _run(planned, tokenized, lengths, out_dir, settings, resume, stop, *, tp, cp, window, stride, max_docs,
          bucket0, backend, dtype, score_kwargs, positions, cp_comm, verbose) -> list[dict]:
-    own_init = runs.ensure_parallel(tp, cp)
+    own_init = parallel.ensure(tp, cp)
     main = parallel.is_main()  # decided now: after the teardown below every rank would look like rank 0
     order = {(r.name, L): k for k, (r, L) in enumerate((r, L) for r in planned for L in lengths)}
 

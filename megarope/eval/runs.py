@@ -1,5 +1,5 @@
-"""Run orchestration: which (checkpoint, variant) pairs to evaluate, their tokenizers, the parallel
-state, and the checkpoint loop that holds one model at a time.
+"""Run orchestration: which (checkpoint, variant) pairs to evaluate, their tokenizers, the data-parallel
+split, and the checkpoint loop that holds one model at a time.
 
 A *run* is one (checkpoint, variant) pair, named "<checkpoint label>:<variant>". RoPE has no weights,
 so every variant loads the same checkpoint with other RoPE settings. A checkpoint is a megarope
@@ -28,7 +28,6 @@ from megatron.core import parallel_state
 
 from megarope import attention, checkpoint, convert, data, parallel
 from megarope.errors import UsageError
-from megarope.eval.scoring import model_parallel_sizes
 from megarope.eval.variants import Variant
 from megarope.model import Preset
 
@@ -147,17 +146,6 @@ def plan_runs(checkpoints: Sequence[str], variants: Sequence[Variant], tokenizer
 
 
 # ----------------------------------------------------------------------------------------------- parallel state
-def ensure_parallel(tp: int, cp: int) -> bool:
-    """Initialize TP x CP (True) unless the caller already has (then the sizes must agree)."""
-    if parallel_state.model_parallel_is_initialized():
-        have = model_parallel_sizes()
-        if have != (tp, cp):
-            raise UsageError(f"parallel state is TP {have[0]} x CP {have[1]}, asked for TP {tp} x CP {cp}")
-        return False
-    parallel.init(tp=tp, cp=cp)
-    return True
-
-
 def data_parallel() -> tuple[int, int, object]:
     """(rank, size, group) of the data-parallel group: documents are shared out over it."""
     return (parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size(),
