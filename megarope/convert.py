@@ -375,18 +375,21 @@ def inspect_hf(hf_dir: str, tokenizer: str | None = None, pretrain_base: float |
 
 def _tokenizer_for(hf_dir: str, spec: str | None, model_vocab: int):
     """The tokenizer to travel with the checkpoint: ``spec``, else the HF directory's own (an HF tokenizer,
-    else a tokenizer.model), else none; refused when it cannot belong to the model."""
+    else a tokenizer.model), else none; refused when it cannot belong to the model (data.check_tokenizer:
+    a ``spec`` with other contents than the directory's own, too)."""
     from megarope import data
 
-    if spec is None:
-        if any(os.path.isfile(os.path.join(hf_dir, f)) for f in data.HF_TOKENIZER_MARKERS):
-            spec = hf_dir
-        elif os.path.isfile(os.path.join(hf_dir, "tokenizer.model")):
-            spec = os.path.join(hf_dir, "tokenizer.model")
-        else:
-            return None
-    tokenizer = data.load_tokenizer(spec)
-    data.check_tokenizer(tokenizer, model_vocab, model=f"the model of {hf_dir}")
+    if any(os.path.isfile(os.path.join(hf_dir, f)) for f in data.HF_TOKENIZER_MARKERS):
+        own = hf_dir
+    elif os.path.isfile(os.path.join(hf_dir, "tokenizer.model")):
+        own = os.path.join(hf_dir, "tokenizer.model")
+    else:
+        own = None
+    if spec is None and own is None:
+        return None
+    tokenizer = data.load_tokenizer(spec or own)
+    data.check_tokenizer(tokenizer, model_vocab, carried=own if spec is not None else None,
+                         model=f"the model of {hf_dir}")
     return tokenizer
 
 

@@ -688,19 +688,21 @@ def dry_run(cfg: configuration.Config, world: int | None = None) -> tuple[str, s
 
 # ----------------------------------------------------------------------------------------------- resolving
 def _resolve_model_and_tokenizer(cfg: configuration.Config):
-    """(preset, preset name, tokenizer) from the config and init.from's checkpoint."""
+    """(preset, preset name, tokenizer) from the config and init.from's checkpoint; the tokenizer is refused
+    here, before any data is prepared or model built, when it cannot belong to the model (data.check_tokenizer:
+    what eval would refuse of this run's checkpoints), init.from's model included."""
     preset, name = resolve_preset(cfg)
-    spec = cfg.data.tokenizer
-    if spec is None and cfg.init.from_:
-        spec = checkpoint.tokenizer_path(cfg.init.from_)
+    init = cfg.init.from_
+    carried = checkpoint.tokenizer_path(init) if init else None
+    spec = cfg.data.tokenizer or carried
     if spec is None and cfg.data.path == configuration.AUTO_TOY:
         spec = "bytes"
     if spec is None:
         raise UsageError("data.tokenizer is required (\"bytes\" or a sentencepiece .model file)")
     tokenizer = data.load_tokenizer(spec)
-    if tokenizer.vocab_size > preset.vocab_size:
-        raise UsageError(f"tokenizer {tokenizer.spec} has {tokenizer.vocab_size} tokens, more than the "
-                         f"model's vocabulary of {preset.vocab_size}")
+    data.check_tokenizer(tokenizer, preset.vocab_size, checkpoint.read_meta(init) if init else None,
+                         carried if cfg.data.tokenizer else None,
+                         model=f"the model of {init}" if init else f"preset {name}")
     return preset, name, tokenizer
 
 

@@ -212,7 +212,7 @@ def test_nan_loss_skips_then_saves_and_stops_with_exit_2(corpus, tmp_path, capsy
     (["parallel.cp=2"], "world size 1 is not divisible by TP*CP*PP = 1*2*1"),
     (["data.path=/nonexistent/prefix"], "no indexed dataset"),
     (["data.blend=[[1, /no/a], [2, /no/b]]", "data.path=null"], "no indexed dataset (.bin + .idx) at /no/a, /no/b"),
-    (["data.tokenizer=SPM"], "more than the model's vocabulary of 257"),
+    (["data.tokenizer=SPM"], "tokens, but preset toy has a vocabulary of 257: not this model's tokenizer"),
     (["data.tokenizer=/no/tokenizer.model"], "tokenizer not found"),
     (["init.from=/no/checkpoint"], "not a megarope checkpoint"),
     (["model.preset=null"], "model.preset is required"),
@@ -237,6 +237,61 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(corpus, tmp_path, capsy
 
 def corpus_jsonl(prefix):
     return os.path.join(os.path.dirname(prefix), "docs.jsonl")
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_model(corpus, tmp_path_factory):
+    """(a toy-shaped checkpoint with a 512-token sentencepiece vocabulary, saved as training saves one: its
+    tokenizer inside, the content digest recorded; another 512-token sentencepiece tokenizer)."""
+    from megarope.model import build_model
+    from megarope.rope import RopeConfig
+
+    root = tmp_path_factory.mktemp("spm")
+    with open(corpus_jsonl(corpus)) as f, open(root / "reversed.jsonl", "w") as out:
+        for line in f:
+            out.write(json.dumps({"text": json.loads(line)["text"][::-1]}) + "\n")
+    own = data.load_tokenizer(data.train_sentencepiece([corpus_jsonl(corpus)], 512, str(root / "own")))
+    other = data.train_sentencepiece([str(root / "reversed.jsonl")], 512, str(root / "other"))
+    parallel.init()
+    try:
+        model = build_model(get_preset("toy", vocab_size=512), RopeConfig())
+        checkpoint.save_model(model, str(root / "ckpt"), checkpoint.model_meta(model, tokenizer_digest=own.digest),
+                              tokenizer_file=own.path)
+    finally:
+        parallel.destroy()
+    return str(root / "ckpt"), other
+
+
+def test_what_train_refuses_eval_and_passkey_would_refuse(corpus, sentencepiece_model, tmp_path, capsys):
+    """A model and a tokenizer that cannot go together: train refuses the pair (one line, exit 2, nothing written,
+    before any data is read or model built), and eval and passkey refuse a checkpoint of it for the same reason."""
+    from eval_helpers import save_toy_checkpoint
+
+    from megarope.eval import passkey, perplexity
+
+    made, other = sentencepiece_model
+    llama_bytes = save_toy_checkpoint(tmp_path / "llama-bytes")  # what train saved on the H200 ...
+    meta = checkpoint.read_meta(llama_bytes)
+    checkpoint.write_json_atomic(os.path.join(llama_bytes, checkpoint.META),
+                                 {**meta, "preset": get_preset("llama-1b").to_dict()})  # ... for llama-1b
+    cases = [  # train's overrides; the checkpoint and --tokenizer eval gets; the reason both give
+        (["model.preset=llama-1b"], llama_bytes, None, "byte tokens (257 ids) cannot belong to {}, whose vocabulary "
+                                                       "has 32,000 tokens"),
+        (["model.preset=null", f"init.from={made}", f"data.tokenizer={other}"], made, other,
+         f"tokenizer {other} (512 tokens) is not the tokenizer {{}} was made with (their contents differ): not this "
+         f"model's tokenizer"),
+    ]
+    for overrides, ckpt, tokenizer, reason in cases:
+        path = write_yaml(make_cfg(corpus, tmp_path / "run"), tmp_path / "c.yaml")
+        assert main(["train", path, *overrides]) == 2
+        trained_as = "preset llama-1b" if "model.preset=llama-1b" in overrides else f"the model of {made}"
+        assert capsys.readouterr().err == f"megarope: error: {reason.format(trained_as)}\n"
+        assert not (tmp_path / "run").exists()
+        for evaluate in (lambda: perplexity.run([ckpt], [corpus_jsonl(corpus)], [64], tokenizer=tokenizer),
+                         lambda: passkey.run(ckpt, [256], tokenizer=tokenizer)):
+            with pytest.raises(UsageError) as refused:
+                evaluate()
+            assert str(refused.value) == reason.format(f"the model of {ckpt}")
 
 
 @pytest.mark.parametrize("change, words", [("train.seq_len=128", "trained with train.seq_len=64"),
