@@ -68,7 +68,7 @@ def _as_close_as_torch(mine, torch_own, reference, margin: float, record_propert
         record_property(f"{name}_error", error)
         record_property(f"{name}_torch_error", torch_error)
         assert error <= margin * torch_error, \
-            f"{name}: {error:.3g} from float64, {error / torch_error:.2f} x torch's own {got.dtype} kernel's {torch_error:.3g}"
+            f"{name}: {error:.3g} from float64, {error / torch_error:.2f} x torch's own {got.dtype} kernel's error"
 
 
 @contextlib.contextmanager
