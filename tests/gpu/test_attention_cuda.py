@@ -9,10 +9,10 @@ With MEGAROPE_GPU_DRY=1 they run on the CPU's kernels: the tests' own logic, not
 bf16 tolerances are derived, not guessed: torch's own SDPA, in the same dtype and through the kernel megarope
 calls on that device (CUDA: the memory-efficient backend, K/V heads repeated; CPU: the flash kernel, which takes
 GQA itself), on the same inputs, is as far from a float64 reference as that kernel gets in bf16. megarope's one
-kernel call may be KERNEL_MARGIN times as far (it calls the same kernel: on CUDA the ratio is 1 without GQA,
-about 1 with it); the CP core CP_MARGIN times (each key's gradient adds up to three parts' bf16 kernel outputs:
-at most 2.0x on CPUs over 32 draws). The H200's dq with `out` in the wrong layout was off by up to 1.70, and an
-emulation of the kernel's reads puts its in-bounds errors at 0.3 to 6, where torch's own are about 0.01.
+kernel call may be KERNEL_MARGIN times as far (it is the same kernel on the same rows; on CPUs the ratio is 1);
+the CP core CP_MARGIN times (a key's gradient adds up to three parts' bf16 kernel outputs: at most 2.0x on CPUs
+over 32 draws). Each test records both errors. The H200's dq with `out` in the wrong layout was off by up to
+1.70; an emulation of the kernel's reads puts the in-bounds errors at 0.3 to 6, where torch's own are about 0.01.
 """
 
 import contextlib
