@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from megarope import lineage as lineages
 from megarope.errors import UsageError
 from megarope.files import atomic_dir
+from megarope.trust import FOREIGN, Trust
 
 # One row per tensor: the megatron name (TP=1), the HF name(s) fused into it in this order, and each HF
 # tensor's shape in the dimensions h (hidden), q (heads x head dim), kv (KV heads x head dim), f (FFN), v (vocab).
@@ -547,9 +548,9 @@ def hf_config_from_meta(meta: dict) -> dict:
     return cfg
 
 
-def mcore_to_hf(ckpt_dir: str, out_dir: str) -> dict:
+def mcore_to_hf(ckpt_dir: str, out_dir: str, trust: Trust = FOREIGN) -> dict:
     """Export a megarope checkpoint as an HF directory of its family (fp32 model.safetensors, its tokenizer's
-    files); returns the config."""
+    files); returns the config. ``trust``: how far loading the checkpoint trusts it (megarope.trust)."""
     _check_destination(out_dir)
     if not os.path.isfile(os.path.join(ckpt_dir, "megarope.json")):
         raise UsageError(f"not a megarope checkpoint (no megarope.json): {ckpt_dir}")
@@ -561,7 +562,7 @@ def mcore_to_hf(ckpt_dir: str, out_dir: str) -> dict:
     from megarope import checkpoint, data, parallel
 
     parallel.init(tp=1)
-    model = checkpoint.build_from_checkpoint(ckpt_dir, backend="local")
+    model = checkpoint.build_from_checkpoint(ckpt_dir, backend="local", trust=trust)
     tensors = mcore_to_hf_state(model.state_dict(), family_for(meta), meta["preset"])
     tokenizer = checkpoint.tokenizer_path(ckpt_dir)
     files = data.load_tokenizer(tokenizer).files if tokenizer and os.path.exists(tokenizer) else []

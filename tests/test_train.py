@@ -128,7 +128,7 @@ def test_run_summary_checkpoints_and_metrics(reference):
     # a training checkpoint is a model checkpoint too: rebuild the model from it alone
     meta = checkpoint.read_meta(s["checkpoint"])
     assert meta["rope"]["base"] == 10000 and meta["rope"]["train_len"] == 64 and meta["tokenizer"] == "bytes"
-    assert sorted(os.listdir(os.path.join(ckpt, "step_0000006", "rank"))) == ["rank_00000.pt"]
+    assert sorted(os.listdir(os.path.join(ckpt, "step_0000006", "rank"))) == ["rank_00000.json"]
 
 
 def test_resume_reproduces_the_uninterrupted_run_exactly(corpus, reference, tmp_path):
@@ -151,6 +151,44 @@ def test_resume_truncates_metrics_written_after_the_checkpoint(corpus, reference
     train.run(make_cfg(corpus, ckpt, "train.exit_at_step=2"), progress=False)
     with open(ckpt / train.METRICS, "a") as f:  # steps 3-4 ran, then the job died before a checkpoint
         f.write(json.dumps({"step": 3, "loss": 9.0, "lr": 0}) + "\n" + '{"step": 4, "lo')
+    train.run(make_cfg(corpus, ckpt), progress=False)
+    assert losses(ckpt) == reference["losses"]
+
+
+def test_rng_state_goes_through_json_and_back_exactly():
+    import random
+
+    import numpy as np
+
+    random.gauss(0, 1), np.random.standard_normal()  # cached Gaussians: state beyond the Mersenne Twister's
+    saved = json.loads(json.dumps(train.rng_state()))
+    draws = (torch.rand(3).tolist(), random.random(), random.gauss(0, 1), np.random.standard_normal(2).tolist())
+    torch.manual_seed(0), random.seed(0), np.random.seed(0)
+    train.set_rng_state(saved)
+    assert (torch.rand(3).tolist(), random.random(), random.gauss(0, 1), np.random.standard_normal(2).tolist()) == draws
+
+
+def test_a_checkpoint_from_before_json_rank_files_resumes_exactly(corpus, reference, tmp_path):
+    """Older checkpoints keep each rank's RNG state in rank/rank_R.pt (torch.save of tensors, tuples and a
+    numpy array): a resume reads it weights-only and still reproduces the uninterrupted run."""
+    import numpy as np
+
+    from megarope.files import sha256_file
+
+    ckpt = tmp_path / "run"
+    train.run(make_cfg(corpus, ckpt, "train.exit_at_step=3"), progress=False)
+    step = ckpt / "step_0000003"
+    saved = json.loads((step / "rank" / "rank_00000.json").read_text())
+    (step / "rank" / "rank_00000.json").unlink()
+    torch.save({"torch": torch.tensor(list(bytes.fromhex(saved["torch"])), dtype=torch.uint8),
+                "python": (saved["python"][0], tuple(saved["python"][1]), saved["python"][2]),
+                "numpy": (saved["numpy"][0], np.array(saved["numpy"][1], dtype=np.uint32), *saved["numpy"][2:])},
+               step / "rank" / "rank_00000.pt")
+    manifest = json.loads((step / checkpoint.MANIFEST).read_text())
+    del manifest["files"]["rank/rank_00000.json"]
+    manifest["files"]["rank/rank_00000.pt"] = {"bytes": (step / "rank" / "rank_00000.pt").stat().st_size,
+                                               "sha256": sha256_file(str(step / "rank" / "rank_00000.pt"))}
+    (step / checkpoint.MANIFEST).write_text(json.dumps(manifest))
     train.run(make_cfg(corpus, ckpt), progress=False)
     assert losses(ckpt) == reference["losses"]
 

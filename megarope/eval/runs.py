@@ -30,6 +30,7 @@ from megarope import attention, checkpoint, convert, data, parallel
 from megarope.errors import UsageError
 from megarope.eval.variants import Variant
 from megarope.model import Preset
+from megarope.trust import FOREIGN, Trust
 
 
 @dataclass
@@ -39,6 +40,7 @@ class Run:
     variant: Variant
     meta: dict
     tokenizer: object
+    trust: Trust = FOREIGN  # how far loading its checkpoint trusts it (megarope.trust)
 
     @property
     def label(self) -> str:
@@ -113,8 +115,10 @@ def resolve_tokenizer(checkpoint_dir: str, meta: dict, tokenizer=None, own=None)
     return tok
 
 
-def plan_runs(checkpoints: Sequence[str], variants: Sequence[Variant], tokenizer=None) -> list[Run]:
-    """Every (checkpoint, variant) pair, checkpoint-major, with its metadata and checked tokenizer.
+def plan_runs(checkpoints: Sequence[str], variants: Sequence[Variant], tokenizer=None,
+              trust: Trust = FOREIGN) -> list[Run]:
+    """Every (checkpoint, variant) pair, checkpoint-major, with its metadata and checked tokenizer, to be
+    loaded with ``trust`` (megarope.trust).
 
     Reads only the checkpoints' metadata and tokenizers (an HF directory's tensor names and shapes): no weights.
     """
@@ -129,7 +133,7 @@ def plan_runs(checkpoints: Sequence[str], variants: Sequence[Variant], tokenizer
         meta, own = read_checkpoint(ckpt)
         tok = resolve_tokenizer(ckpt, meta, tokenizer, own)
         for variant in variants:
-            run = Run(f"{label}:{variant.name}", ckpt, variant, meta, tok)
+            run = Run(f"{label}:{variant.name}", ckpt, variant, meta, tok, trust)
             _ = run.rope  # validate the overrides now, before any model is built
             runs.append(run)
     return runs
@@ -170,7 +174,7 @@ def load_run_model(run: Run, backend: str | None = None, dtype: torch.dtype | No
             model, _ = convert.load_hf(run.checkpoint, backend, overrides, dtype=dtype)
         else:
             model = checkpoint.build_from_checkpoint(run.checkpoint, backend=backend, rope_overrides=overrides,
-                                                     dtype=dtype)
+                                                     trust=run.trust, dtype=dtype)
     attention.set_cp_comm(model, cp_comm)
     return model
 
