@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from megarope import lineage as lineages
 from megarope.errors import UsageError
 from megarope.files import atomic_dir
+from megarope.trust import FOREIGN, Trust
 
 # One row per tensor: the megatron name (TP=1), the HF name(s) fused into it in this order, and each HF
 # tensor's shape in the dimensions h (hidden), q (heads x head dim), kv (KV heads x head dim), f (FFN), v (vocab).
@@ -377,18 +378,21 @@ def inspect_hf(hf_dir: str, tokenizer: str | None = None, pretrain_base: float |
 
 def _tokenizer_for(hf_dir: str, spec: str | None, model_vocab: int):
     """The tokenizer to travel with the checkpoint: ``spec``, else the HF directory's own (an HF tokenizer,
-    else a tokenizer.model), else none; refused when it cannot belong to the model."""
+    else a tokenizer.model), else none; refused when it cannot belong to the model (data.check_tokenizer:
+    a ``spec`` with other contents than the directory's own, too)."""
     from megarope import data
 
-    if spec is None:
-        if any(os.path.isfile(os.path.join(hf_dir, f)) for f in data.HF_TOKENIZER_MARKERS):
-            spec = hf_dir
-        elif os.path.isfile(os.path.join(hf_dir, "tokenizer.model")):
-            spec = os.path.join(hf_dir, "tokenizer.model")
-        else:
-            return None
-    tokenizer = data.load_tokenizer(spec)
-    data.check_tokenizer(tokenizer, model_vocab, model=f"the model of {hf_dir}")
+    if any(os.path.isfile(os.path.join(hf_dir, f)) for f in data.HF_TOKENIZER_MARKERS):
+        own = hf_dir
+    elif os.path.isfile(os.path.join(hf_dir, "tokenizer.model")):
+        own = os.path.join(hf_dir, "tokenizer.model")
+    else:
+        own = None
+    if spec is None and own is None:
+        return None
+    tokenizer = data.load_tokenizer(spec or own)
+    data.check_tokenizer(tokenizer, model_vocab, carried=own if spec is not None else None,
+                         model=f"the model of {hf_dir}")
     return tokenizer
 
 
@@ -435,10 +439,14 @@ def _build_and_fill(source: HFSource, backend: str, rope_overrides: dict | None,
 
 def load_hf(hf_dir: str, backend: str = "local", rope_overrides: dict | None = None, tokenizer: str | None = None,
             **config_kwargs):
-    """An HF directory as a built, loaded megarope model for the parallel state already set up
-    (any TP/CP), converted in memory: nothing is written. Returns (model, metadata); the metadata is what
-    a converted checkpoint's megarope.json would hold, with "tokenizer" the tokenizer's own spec (a path)."""
+    """An HF directory as a built, loaded megarope model for the current parallel state (any TP/CP; without
+    one, a world of one, as checkpoint.build_from_checkpoint sets up), converted in memory: nothing is written.
+    Returns (model, metadata); the metadata is what a converted checkpoint's megarope.json would hold, with
+    "tokenizer" the tokenizer's own spec (a path)."""
+    from megarope import parallel
+
     source = inspect_hf(hf_dir, tokenizer)
+    parallel.ensure()
     model, _, _ = _build_and_fill(source, backend, rope_overrides, **config_kwargs)
     return model, {**hf_meta(source), "backend": backend}
 
@@ -543,9 +551,9 @@ def hf_config_from_meta(meta: dict) -> dict:
     return cfg
 
 
-def mcore_to_hf(ckpt_dir: str, out_dir: str) -> dict:
+def mcore_to_hf(ckpt_dir: str, out_dir: str, trust: Trust = FOREIGN) -> dict:
     """Export a megarope checkpoint as an HF directory of its family (fp32 model.safetensors, its tokenizer's
-    files); returns the config."""
+    files); returns the config. ``trust``: how far loading the checkpoint trusts it (megarope.trust)."""
     _check_destination(out_dir)
     if not os.path.isfile(os.path.join(ckpt_dir, "megarope.json")):
         raise UsageError(f"not a megarope checkpoint (no megarope.json): {ckpt_dir}")
@@ -557,7 +565,7 @@ def mcore_to_hf(ckpt_dir: str, out_dir: str) -> dict:
     from megarope import checkpoint, data, parallel
 
     parallel.init(tp=1)
-    model = checkpoint.build_from_checkpoint(ckpt_dir, backend="local")
+    model = checkpoint.build_from_checkpoint(ckpt_dir, backend="local", trust=trust)
     tensors = mcore_to_hf_state(model.state_dict(), family_for(meta), meta["preset"])
     tokenizer = checkpoint.tokenizer_path(ckpt_dir)
     files = data.load_tokenizer(tokenizer).files if tokenizer and os.path.exists(tokenizer) else []

@@ -41,7 +41,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from megarope import config as configuration, lineage as lineages, report, scaling
+from megarope import config as configuration, lineage as lineages, report, scaling, trust
 from megarope.config import LogSection, ParallelSection, Section, TrainSection
 from megarope.errors import UsageError
 from megarope.files import sha256_file, write_json_atomic, write_text_atomic
@@ -53,6 +53,7 @@ from megarope.units import format_tokens, parse_tokens
 # as estimates to check against a real run, not as measurements.
 TRAIN_TFLOPS = 150.0
 EVAL_TFLOPS = 200.0
+TRUST_OPT_IN = "model.trust: true"  # what a refused load of the model source names
 STAGE_SECONDS = 20.0  # per training stage: start-up, building, the dataset's index, the final save (an allowance)
 RUN_SECONDS = 5.0  # per evaluated (base, variant): loading the checkpoint (an allowance)
 # CPU stages, measured for SmolLM2-135M on the 2-core development machine (21 s to dequantize and write the GGUF,
@@ -87,6 +88,10 @@ class ModelSection(Section):
     """The pretraining the source descends from; "config.json": what its config.json says (rope_theta,
     max_position_embeddings); None: what a megarope checkpoint records."""
     backend: Literal["local", "te"] = "local"
+    trust: bool = False
+    """A megarope checkpoint as the source may hold pickled state that runs code when loaded (FP8 delayed
+    scaling's): true only for one from a source you trust (as init.trust; see megarope.trust). What the
+    experiment writes itself, its stages load as their own."""
 
     @model_validator(mode="after")
     def _one_model(self):
@@ -403,8 +408,9 @@ def _say(message: str = "") -> None:
 
 # ----------------------------------------------------------------------------------------------- training stages
 def train_config(cfg: ExperimentConfig, name: str, base: float, section: TrainSection | dict, data_prefix: str,
-                 init_from: str | None) -> dict:
-    """The `megarope train` config of one training stage, checkpointing to out/<name>."""
+                 init_from: str | None, init_trust: bool | str = "own") -> dict:
+    """The `megarope train` config of one training stage, checkpointing to out/<name>; ``init_trust``: "own"
+    for an earlier stage of this experiment (megarope.trust), model.trust for the user's checkpoint."""
     train = section.model_dump(include=set(TrainSection.model_fields)) if isinstance(section, TrainSection) \
         else dict(section)
     return {"model": {"preset": cfg.model.preset, "backend": cfg.model.backend},
@@ -412,7 +418,7 @@ def train_config(cfg: ExperimentConfig, name: str, base: float, section: TrainSe
             "parallel": cfg.parallel.model_dump(),
             "train": train,
             "data": {"path": data_prefix, "tokenizer": cfg.model.tokenizer},
-            "init": {"from": init_from},
+            "init": {"from": init_from, "trust": init_trust},
             "checkpoint": {"dir": os.path.join(cfg.out, name), **cfg.checkpoint.model_dump()},
             "log": cfg.log.model_dump()}
 
@@ -526,7 +532,7 @@ def model_stage(cfg: ExperimentConfig, model: Model, hf_dir: str | None) -> str:
 
         parallel.init()
         source_meta = checkpoint.read_meta(model.path)
-        net = checkpoint.build_from_checkpoint(model.path)
+        net = checkpoint.build_from_checkpoint(model.path, trust=trust.chosen(cfg.model.trust, TRUST_OPT_IN))
         tokenizer = checkpoint.tokenizer_path(model.path)
         checkpoint.save_model(net, target, {**source_meta, "lineage": lin.to_dict(), "converted_from": model.path},
                               tokenizer_file=tokenizer if tokenizer and os.path.exists(tokenizer) else None)
@@ -647,7 +653,8 @@ def eval_stage(label: str, cfg: ExperimentConfig, group: EvalGroup, checkpoints:
     try:  # the evaluation handles the stop signals itself: it stops before its next batch
         records = perplexity.run(checkpoints, [documents], group.lengths, group.variants, out_dir, tp=p.tp, cp=p.cp,
                                  max_docs=group.docs, bucket0=settings["bucket0"], positions=cfg.eval.positions,
-                                 backend=cfg.model.backend, dtype=dtype, cp_comm=cp_comm, resume=None, verbose=False)
+                                 backend=cfg.model.backend, dtype=dtype, cp_comm=cp_comm, resume=None,
+                                 trust=trust.OWN, verbose=False)  # every checkpoint is a stage of this experiment
     except Stopped as e:
         raise Interrupted(getattr(signal, e.signal or "SIGTERM"), signals.where) from None
     if parallel.is_main():
@@ -717,11 +724,12 @@ def _run(cfg: ExperimentConfig, model: Model, signals: StageSignals, progress: b
     if cfg.pretrain is not None:
         start = timed("pretrain", train_stage, "pretrain", train_config(
             cfg, "pretrain", cfg.pretrain.base, cfg.pretrain, prepared.train_prefix, None), signals, progress)
+    start_trust = cfg.model.trust if start == model.path else "own"  # the user's checkpoint, or one of ours
     tuned = {}
     for base in cfg.tune.bases:
         name = f"base-{base:g}"
         tuned[base] = timed(name, train_stage, name, train_config(cfg, name, base, cfg.tune, prepared.train_prefix,
-                                                                  start), signals, progress)
+                                                                  start, start_trust), signals, progress)
     results = {}
     for label, group in cfg.groups():
         if group.enabled:

@@ -263,3 +263,14 @@ def test_two_ranks_with_context_parallelism_run_every_stage_together(tmp_path, t
     state = json.loads((out / "base-500" / "step_0000003" / "train_state.json").read_text())
     assert state["layout"]["cp"] == 2 and state["layout"]["world"] == 2
     assert (out / "report.md").is_file()
+
+
+def test_stages_load_what_the_experiment_wrote_as_its_own_and_the_users_checkpoint_as_foreign(tmp_path):
+    """megarope.trust: a continued run from out/model (or the pretraining stage) trusts it as its own; from the
+    user's megarope checkpoint only as far as model.trust says."""
+    cfg = experiment.validate(config(tmp_path / "out", "/x", "/c"))
+    own = experiment.train_config(cfg, "base-500", 500.0, cfg.tune, "/data/p", str(tmp_path / "out" / "model"))
+    assert own["init"] == {"from": str(tmp_path / "out" / "model"), "trust": "own"}
+    users = experiment.train_config(cfg, "base-500", 500.0, cfg.tune, "/data/p", "/ckpt", cfg.model.trust)
+    assert users["init"]["trust"] is False and own["checkpoint"]["dir"] == str(tmp_path / "out" / "base-500")
+    assert own["rope"] == {"base": 500.0, "train_len": 128} and own["train"]["steps"] == 3

@@ -37,6 +37,7 @@ from megarope.errors import UsageError
 from megarope.eval import memory, runs, scoring
 from megarope.eval.variants import variants_from_flags
 from megarope.files import write_json_atomic
+from megarope.trust import FOREIGN, Trust
 
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
          "I will quiz you about the important info there.")
@@ -124,12 +125,12 @@ def run(checkpoint: str, lengths: Sequence[int], depths: Sequence[float] = (0.0,
         rope_base: float | None = None, dynamic_ntk: bool = False, log_scale_ref: int | None = None,
         seed: int = 0, bos: bool = True, backend: str | None = None, dtype: torch.dtype | None = None,
         batch_tokens: int = scoring.BATCH_TOKENS, max_memory: float | None = None, cp_comm: str = "auto",
-        verbose: bool = True) -> dict:
+        trust: Trust = FOREIGN, verbose: bool = True) -> dict:
     """Passkey accuracy of one checkpoint (in one RoPE variant) at each length x depth.
 
     Returns {"run", "checkpoint", "variant", "lengths", "depths", "trials", "accuracy" [depth][length],
     "digit_accuracy" [depth][length], "records": [...]}; with ``out_dir``, rank 0 writes passkey.json and
-    passkey.png (the heatmap) there. ``max_memory`` and ``cp_comm`` as in eval.perplexity.run.
+    passkey.png (the heatmap) there. ``max_memory``, ``cp_comm`` and ``trust`` as in eval.perplexity.run.
     """
     lengths = scoring.check_lengths(lengths, tp, cp)
     depths = list(dict.fromkeys(float(d) for d in depths))
@@ -138,7 +139,7 @@ def run(checkpoint: str, lengths: Sequence[int], depths: Sequence[float] = (0.0,
     if trials < 1:
         raise UsageError(f"trials must be positive, got {trials}")
     variant = variants_from_flags(None, rope_base, dynamic_ntk, log_scale_ref)[0]
-    (r,) = runs.plan_runs([os.fspath(checkpoint)], [variant], tokenizer)
+    (r,) = runs.plan_runs([os.fspath(checkpoint)], [variant], tokenizer, trust)
     dtype = dtype or runs.default_dtype()
     if max_memory is not None:
         cp_comm = memory.check_max_memory({r.label: r.preset}, lengths, max_memory, torch.finfo(dtype).bits // 8,
@@ -150,7 +151,7 @@ def run(checkpoint: str, lengths: Sequence[int], depths: Sequence[float] = (0.0,
                          f"{builder.overhead()} tokens with tokenizer {r.tokenizer.spec}")
     keys = make_keys(lengths, depths, trials, seed)
 
-    own_init = runs.ensure_parallel(tp, cp)
+    own_init = parallel.ensure(tp, cp)
     main = parallel.is_main()  # decided now: after the teardown below every rank would look like rank 0
 
     def evaluate(_: runs.Run, model) -> list[dict]:
