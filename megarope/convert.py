@@ -350,8 +350,10 @@ class HFSource:
 
 
 def inspect_hf(hf_dir: str, tokenizer: str | None = None, pretrain_base: float | None = None,
-               pretrain_len: int | None = None, tune_len: int | None = None, tp: int = 1) -> HFSource:
-    """Check an HF directory before anything is built or written: config, tensors, tokenizer, lineage."""
+               pretrain_len: int | None = None, tune_len: int | None = None, tp: int = 1,
+               lineage_given_as: str = "--{flag}") -> HFSource:
+    """Check an HF directory before anything is built or written: config, tensors, tokenizer, lineage
+    (``lineage_given_as``: where the given lineage numbers come from, see lineage.from_hf_config)."""
     cfg = read_hf_config(hf_dir)
     family, preset, rope = hf_fields(cfg)
     for what, n in (("attention heads", preset["num_heads"]), ("KV heads", preset["num_query_groups"]),
@@ -359,7 +361,7 @@ def inspect_hf(hf_dir: str, tokenizer: str | None = None, pretrain_base: float |
         if n % tp:
             raise UsageError(f"--tp {tp} does not divide the model's {what} ({n})")
     try:
-        lineage = lineages.from_hf_config(cfg, pretrain_base, pretrain_len, tune_len)
+        lineage = lineages.from_hf_config(cfg, pretrain_base, pretrain_len, tune_len, lineage_given_as)
     except ValueError as e:
         raise UsageError(f"lineage: {e}") from None
     if lineage.tune_len < lineage.pretrain_len and any(v is not None for v in (pretrain_len, tune_len)):
@@ -456,14 +458,15 @@ def _check_destination(path: str) -> None:
 
 def hf_to_mcore(hf_dir: str, out_dir: str, tp: int = 1, tokenizer: str | None = None,
                 pretrain_base: float | None = None, pretrain_len: int | None = None,
-                tune_len: int | None = None) -> dict:
+                tune_len: int | None = None, lineage_given_as: str = "--{flag}") -> dict:
     """Convert an HF directory (llama, mistral, qwen2) into a megarope checkpoint; returns its metadata.
 
     ``tokenizer`` replaces the directory's own; ``pretrain_base``/``pretrain_len``/``tune_len`` replace what
-    config.json says of the model's lineage (see megarope.lineage). Nothing is written on bad input.
+    config.json says of the model's lineage (see megarope.lineage; ``lineage_given_as`` names where they
+    come from). Nothing is written on bad input.
     """
     _check_destination(out_dir)
-    source = inspect_hf(hf_dir, tokenizer, pretrain_base, pretrain_len, tune_len, tp)
+    source = inspect_hf(hf_dir, tokenizer, pretrain_base, pretrain_len, tune_len, tp, lineage_given_as)
 
     from megarope import checkpoint, parallel  # imported late: every input check above runs without them
 

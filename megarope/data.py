@@ -20,6 +20,7 @@ import io
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import sysconfig
 import tempfile
@@ -27,6 +28,7 @@ import warnings
 from abc import abstractmethod
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
+from html.parser import HTMLParser
 
 import sentencepiece
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
@@ -37,7 +39,7 @@ from megatron.core.tokenizers import MegatronTokenizerBase
 from tqdm import tqdm
 
 from megarope.errors import UsageError
-from megarope.files import atomic_files, sha256_file
+from megarope.files import atomic_dir, atomic_files, sha256_file, write_json_atomic
 
 TEXT_SUFFIXES = (".txt",)
 # What an HF tokenizer directory holds (a model directory holds these next to its weights).
@@ -520,6 +522,189 @@ def fingerprint(paths_and_weights: Sequence[tuple[str, float]]) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------------- corpora
+STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+STDLIB_DOC_SUFFIXES = (".txt", ".rst", ".html")
+
+
+def _stdlib_files(root: str, suffixes: tuple[str, ...]) -> list[str]:
+    """The files under the stdlib's ``root`` with these suffixes, relative, in sorted order (site-packages and
+    the test packages left out)."""
+    files = []
+    for dirpath, dirnames, names in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in STDLIB_SKIP]
+        files += [os.path.relpath(os.path.join(dirpath, n), root) for n in names if n.endswith(suffixes)]
+    return sorted(files)
+
+
+def _read_text(path: str) -> str | None:
+    """A file's UTF-8 text; None for an empty file or one in another encoding."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return raw.decode("utf-8") or None
+    except UnicodeDecodeError:
+        return None
+
+
+def stdlib_sources(root: str | os.PathLike | None = None) -> dict[str, str]:
+    """The standard library's .py files by relative path (in sorted order), as text. Empty files (no
+    documents) and modules that declare another coding are left out. ``root`` replaces the stdlib (tests)."""
+    root = os.fspath(root or sysconfig.get_paths()["stdlib"])
+    texts = {}
+    for rel in _stdlib_files(root, (".py",)):
+        text = _read_text(os.path.join(root, rel))
+        if text is not None:
+            texts[rel] = text
+    return texts
+
+
+class _HTMLText(HTMLParser):
+    """The text of an HTML page, without its markup, scripts and styles."""
+
+    def __init__(self):
+        super().__init__()
+        self.parts, self._hidden = [], 0
+
+    def handle_starttag(self, tag, attrs):
+        self._hidden += tag in ("script", "style")
+
+    def handle_endtag(self, tag):
+        self._hidden -= tag in ("script", "style") and self._hidden > 0
+
+    def handle_data(self, data):
+        if not self._hidden:
+            self.parts.append(data)
+
+
+def stdlib_documentation(root: str | os.PathLike | None = None) -> dict[str, str]:
+    """The documentation the standard library ships in its own tree, as plain text, by name.
+
+    pydoc's topics (pydoc_data/topics.py: the sections of the language reference that help() shows,
+    one document per topic, read as data, not imported), the text of IDLE's help page
+    (idlelib/help.html) and the text files (.txt, .rst: IDLE's NEWS, README and HISTORY, LICENSE.txt,
+    email's architecture notes, lib2to3's grammar). ``root`` replaces the stdlib (tests).
+    """
+    import ast
+
+    root = os.fspath(root or sysconfig.get_paths()["stdlib"])
+    docs = {}
+    topics = os.path.join(root, "pydoc_data", "topics.py")
+    if os.path.isfile(topics):
+        with open(topics, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        for node in tree.body:
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "topics" for t in node.targets):
+                for name, text in ast.literal_eval(node.value).items():
+                    docs[f"pydoc_data/topics.py:{name}"] = text
+    for rel in _stdlib_files(root, STDLIB_DOC_SUFFIXES):
+        text = _read_text(os.path.join(root, rel))
+        if text is not None and rel.endswith(".html"):
+            parser = _HTMLText()
+            parser.feed(text)
+            lines = (line.strip() for line in "".join(parser.parts).splitlines())  # markup leaves blank runs
+            text = re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+        if text and text.strip():
+            docs[rel.replace(os.sep, "/")] = text
+    return docs
+
+
+def stdlib_long_corpus(out_dir: str | os.PathLike, tokenizer: Tokenizer | str,
+                       documents: Sequence[tuple[int, int]], source_dir: str | os.PathLike | None = None
+                       ) -> tuple[str, dict[tuple[int, int], str]]:
+    """The standard library's source and documentation, tokenized with ``tokenizer``, as a training set,
+    and held-out evaluation documents as long as an evaluation needs. Returns the training prefix and,
+    for each (length, count) of ``documents``, the .jsonl of ``count`` documents of at least ``length``
+    tokens.
+
+    An evaluation document is whole held-out source files joined in a fixed order, each headed by its
+    path ("# file: asyncio/events.py"): a long stretch of real, related text, as a book is for the
+    paper's Books3 evaluation (where files meet, nothing ties one to the next, which only makes the
+    long context less useful, never misleading). Source files are held out in an order that spreads
+    them over the library (by the SHA-256 of their paths) until every request can be met; the rest of
+    the source and all of the documentation (stdlib_documentation) are the training set. Needing more
+    than half of the library's source is refused in one line. Everything is written once into
+    out_dir/stdlib-<tokenizer>-<its digest>-<the request's hash>/ and reused after that.
+    """
+    import platform
+
+    tokenizer = _as_tokenizer(tokenizer)
+    requests = sorted({(int(length), int(count)) for length, count in documents})
+    root = os.fspath(source_dir or sysconfig.get_paths()["stdlib"])
+    key = hashlib.sha256(json.dumps({"documents": requests, "root": os.path.abspath(root),
+                                     "python": platform.python_version()}).encode()).hexdigest()[:8]
+    final = os.path.join(os.fspath(out_dir), f"stdlib-{tokenizer.name}-{tokenizer.digest[:8]}-{key}")
+    paths = {r: os.path.join(final, f"eval-{r[0]}x{r[1]}.jsonl") for r in requests}
+    prefix = os.path.join(final, "train")
+    if os.path.isfile(os.path.join(final, "corpus.json")):  # written last: the directory is complete
+        return prefix, paths
+
+    sources = {rel.replace(os.sep, "/"): text for rel, text in stdlib_sources(root).items()}
+    sources.pop("pydoc_data/topics.py", None)  # documentation, read as such by stdlib_documentation
+    held, built = _hold_out(sources, tokenizer, requests)
+    os.makedirs(os.fspath(out_dir), exist_ok=True)
+    with atomic_dir(final) as tmp:
+        for request, docs in built.items():
+            with open(os.path.join(tmp, os.path.basename(paths[request])), "w", encoding="utf-8") as f:
+                f.writelines(json.dumps({"files": files, "text": text}) + "\n" for files, text in docs)
+        train_jsonl = os.path.join(tmp, "train.jsonl")
+        with open(train_jsonl, "w", encoding="utf-8") as f:
+            for name, text in [*((r, t) for r, t in sources.items() if r not in held),
+                               *stdlib_documentation(root).items()]:
+                f.write(json.dumps({"path": name, "text": text}) + "\n")
+        summary = preprocess([train_jsonl], tokenizer, os.path.join(tmp, "train"))
+        write_json_atomic(os.path.join(tmp, "corpus.json"),
+                          {"root": os.path.abspath(root), "tokenizer": tokenizer.spec, "held_out": sorted(held),
+                           "train_documents": summary["documents"], "train_tokens": summary["tokens"],
+                           "eval": {f"{length}x{count}": [files for files, _ in built[(length, count)]]
+                                    for length, count in requests}})
+    return prefix, paths
+
+
+def _hold_out(sources: dict[str, str], tokenizer: Tokenizer, requests: list[tuple[int, int]]):
+    """(the held-out files, for each request its documents as (files, text)): source files taken in the
+    order of their paths' SHA-256 until every request can be packed, each document at least its length."""
+    order = sorted(sources, key=lambda rel: hashlib.sha256(rel.encode()).hexdigest())
+    limit = sum(len(t) for t in sources.values()) / 2
+    pieces, chars = [], 0  # (file, text, tokens) in hold-out order
+
+    def pack(length: int, count: int):
+        docs, current, tokens = [], [], 0
+        for piece in pieces:
+            current.append(piece)
+            tokens += piece[2]
+            if tokens >= length + 8 + length // 100:  # a margin for the tokens where two files meet
+                docs.append(current)
+                current, tokens = [], 0
+                if len(docs) == count:
+                    return docs
+        return None
+
+    for rel in order:
+        if all(pack(*r) for r in requests):
+            break
+        text = f"# file: {rel}\n{sources[rel].rstrip()}\n"
+        pieces.append((rel, text, len(tokenizer.encode(text))))
+        chars += len(text)
+        if chars > limit:
+            break
+    built = {}
+    for length, count in requests:
+        docs = pack(length, count)
+        if docs is None:
+            held_tokens = sum(p[2] for p in pieces)
+            raise UsageError(f"the standard library is too short for {count} evaluation document(s) of {length:,} "
+                             f"tokens with tokenizer {tokenizer.spec}: they would take more than half of its source "
+                             f"(half is about {held_tokens:,} tokens)")
+        built[(length, count)] = []
+        for doc in docs:
+            text = "\n".join(piece[1] for piece in doc)
+            got = len(tokenizer.encode(text))
+            if got < length:  # the margin for where files meet did not hold: a bug, not bad input
+                raise RuntimeError(f"an evaluation document came out at {got:,} tokens, under {length:,}")
+            built[(length, count)].append(([piece[0] for piece in doc], text))
+    return {piece[0] for piece in pieces}, built
+
+
 def stdlib_corpus(out_dir: str | os.PathLike, n_eval_files: int = 20, min_eval_bytes: int = 8192,
                   source_dir: str | os.PathLike | None = None) -> tuple[str, str]:
     """The Python standard library's source as a corpus: out_dir/train.jsonl and out_dir/eval.jsonl.
@@ -537,21 +722,7 @@ def stdlib_corpus(out_dir: str | os.PathLike, n_eval_files: int = 20, min_eval_b
         return train_path, eval_path
 
     root = os.fspath(source_dir or sysconfig.get_paths()["stdlib"])
-    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
-    files = []
-    for dirpath, dirnames, names in os.walk(root):
-        dirnames[:] = [d for d in dirnames if d not in skip]
-        files += [os.path.relpath(os.path.join(dirpath, n), root) for n in names if n.endswith(".py")]
-    files.sort()
-    texts = {}
-    for rel in files:
-        with open(os.path.join(root, rel), "rb") as f:
-            raw = f.read()
-        try:
-            if raw:  # empty __init__.py files are no documents
-                texts[rel] = raw.decode("utf-8")
-        except UnicodeDecodeError:  # a module that declares another coding: leave it out
-            continue
+    texts = stdlib_sources(root)
 
     big = [rel for rel in texts if len(texts[rel].encode("utf-8")) >= min_eval_bytes]
     if len(big) < n_eval_files or len(texts) <= n_eval_files:

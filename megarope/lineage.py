@@ -59,8 +59,11 @@ class Lineage:
 
 
 def from_hf_config(cfg: dict, pretrain_base: float | None = None, pretrain_len: int | None = None,
-                   tune_len: int | None = None) -> Lineage:
+                   tune_len: int | None = None, given_as: str = "--{flag}") -> Lineage:
     """The lineage config.json states, each number replaced by the caller's where given.
+
+    ``given_as`` says where a given number came from: a format with {flag} (pretrain-base) and {name}
+    (pretrain_base), "--{flag}" for convert's flags.
 
     Pretraining base: rope_theta (top level or in rope_parameters), transformers' default 10000 without one.
     Pretraining length: original_max_position_embeddings (in the RoPE scaling parameters, or at the top
@@ -87,7 +90,7 @@ def from_hf_config(cfg: dict, pretrain_base: float | None = None, pretrain_len: 
     flags = {"pretrain_base": pretrain_base, "pretrain_len": pretrain_len, "tune_len": tune_len}
     for name, value in flags.items():
         if value is not None:
-            found[name] = (type(found[name][0])(value), f"--{name.replace('_', '-')}")
+            found[name] = (type(found[name][0])(value), given_as.format(flag=name.replace("_", "-"), name=name))
     return Lineage(**{name: value for name, (value, _) in found.items()},
                    sources={name: source for name, (_, source) in found.items()})
 

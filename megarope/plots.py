@@ -35,6 +35,15 @@ def _finite(values):
     return [v if isinstance(v, (int, float)) and math.isfinite(v) else float("nan") for v in values]
 
 
+def _mark_bound(ax, record: dict, color: str, marked: set) -> None:
+    """The scaling law's predicted bound of ``record``'s base, once per base: a dashed vertical line."""
+    bound, base = record.get("predicted_bound"), record.get("base")
+    if isinstance(bound, (int, float)) and base not in marked:
+        marked.add(base)
+        ax.axvline(bound, color=color, linestyle="--", alpha=0.7,
+                   label=f"predicted bound, base {base:g}: {format_tokens(bound)}")
+
+
 def ppl_vs_length(records: list[dict], path: str) -> None:
     """Perplexity against evaluation length (log-x, log-y), one curve per run, and the scaling law's
     predicted extrapolation bound of each base as a dashed vertical line in the colour of its first run."""
@@ -45,11 +54,7 @@ def ppl_vs_length(records: list[dict], path: str) -> None:
         rows = sorted((r for r in records if r["run"] == name), key=lambda r: r["length"])
         color = f"C{i % 10}"
         ax.plot([r["length"] for r in rows], _finite([r["ppl"] for r in rows]), marker="o", color=color, label=name)
-        bound, base = rows[0].get("predicted_bound"), rows[0].get("base")
-        if isinstance(bound, (int, float)) and base not in marked:
-            marked.add(base)
-            ax.axvline(bound, color=color, linestyle="--", alpha=0.7,
-                       label=f"predicted bound, base {base:g}: {format_tokens(bound)}")
+        _mark_bound(ax, rows[0], color, marked)
     lengths = sorted({r["length"] for r in records})
     ax.set_xscale("log", base=2)
     ax.set_xticks(lengths, [format_tokens(n) for n in lengths])
@@ -65,10 +70,10 @@ def ppl_vs_length(records: list[dict], path: str) -> None:
 
 def loss_by_position(records: list[dict], path: str) -> None:
     """Loss per log-spaced position bucket at each run's longest evaluated length, at the bucket centres;
-    the ticks are the bucket edges."""
+    the ticks are the bucket edges. Each base's predicted bound is marked as in ppl_vs_length."""
     fig, (ax,) = figure(1, width=7.5, height=5.0)
     runs = list(dict.fromkeys(r["run"] for r in records))
-    edges = set()
+    edges, marked = set(), set()
     for i, name in enumerate(runs):
         rows = [r for r in records if r["run"] == name and r.get("buckets")]
         if not rows:
@@ -78,6 +83,7 @@ def loss_by_position(records: list[dict], path: str) -> None:
         edges.update(b["end"] for b in last["buckets"])
         ax.plot(mids, _finite([b["loss"] for b in last["buckets"]]), marker=".", color=f"C{i % 10}",
                 label=f"{name} @ {format_tokens(last['length'])}")
+        _mark_bound(ax, last, f"C{i % 10}", marked)
     ax.set_xscale("log", base=2)
     if edges:
         ax.set_xticks(sorted(edges), [format_tokens(n) for n in sorted(edges)])

@@ -1,6 +1,7 @@
 """What the evaluation tests share: a random toy checkpoint and real text of known sizes."""
 
 import os
+import signal
 import sys
 import sysconfig
 
@@ -31,3 +32,20 @@ def corpus_texts():
         with open(os.path.join(root, name), encoding="utf-8") as f:
             texts.append(f.read()[:20000])
     return texts + ["a short document"]
+
+
+def count_scoring_calls(monkeypatch, signal_at: int | None = None, signum=signal.SIGINT) -> list:
+    """Replace eval.scoring.score_sequences with itself, counting its calls (the batch shapes, returned list);
+    with ``signal_at``, the call of that number also sends this process ``signum`` (before it scores)."""
+    from megarope.eval import scoring
+
+    score, calls = scoring.score_sequences, []
+
+    def counted(model, ids, **kwargs):
+        calls.append(ids.shape)
+        if len(calls) == signal_at:
+            os.kill(os.getpid(), signum)
+        return score(model, ids, **kwargs)
+
+    monkeypatch.setattr(scoring, "score_sequences", counted)
+    return calls

@@ -8,11 +8,12 @@ import pytest
 
 from megarope import config
 from megarope.cli import main
-from megarope.config import Config, load_config, parse_value, validate
+from megarope.config import Config, apply_overrides, load_config, parse_value, validate
 from megarope.errors import UsageError
 from megarope.rope import RopeConfig
 
-EXAMPLES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "examples", "*.yaml")))
+EXAMPLES = sorted(p for p in glob.glob(os.path.join(os.path.dirname(__file__), "..", "examples", "*.yaml"))
+                  if not os.path.basename(p).startswith("experiment_"))  # experiment configs: test_experiment.py
 REQUIRED_KEYS = ["rope.base", "parallel.tp", "parallel.cp", "parallel.pp", "parallel.vpp", "train.steps", "train.exit_at_step", "train.seq_len",
                  "train.global_batch", "train.micro_batch", "checkpoint.dir", "checkpoint.every", "data.path",
                  "init.from"]
@@ -72,6 +73,18 @@ def test_overrides_apply_over_the_file(tmp_path):
     assert load_config(path, ["init.from=/ckpt/llama"]).init.from_ == "/ckpt/llama"
     # 1e6 in a file is a number too (plain PyYAML would read the string "1e6")
     assert load_config(write(tmp_path, "rope: {base: 1e6}\ndata: {path: p}\n", "d.yaml")).rope.base == 1e6
+
+
+def test_a_number_in_an_override_picks_an_item_of_a_list():
+    raw = {"eval": {"extra": [{"name": "a", "enabled": False}, {"name": "b"}]}}
+    assert apply_overrides(raw, ["eval.extra.1.enabled=true", "eval.extra.0.docs=2"])["eval"]["extra"] == \
+        [{"name": "a", "enabled": False, "docs": 2}, {"name": "b", "enabled": True}]
+    assert raw["eval"]["extra"][1] == {"name": "b"}  # the input is left as it was
+    for bad, words in (("eval.extra.2.enabled=true", "eval.extra.2 is not an item of a list of 2"),
+                       ("eval.extra.x=1", "eval.extra.x is not an item"),
+                       ("eval.extra.0.name.first=1", "eval.extra.0.name is not a section")):
+        with pytest.raises(UsageError, match=words):
+            apply_overrides(raw, [bad])
 
 
 def test_blend_is_weight_prefix_pairs():

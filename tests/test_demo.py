@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from eval_helpers import count_scoring_calls
 from megarope import config as configuration, demo
 from megarope.files import write_json_atomic
 
@@ -139,18 +140,8 @@ def test_tiny_demo_end_to_end(tmp_path, stdlib_data, capsys, monkeypatch):
     demo.run(str(out), budget=TINY)  # a rerun trains nothing
     assert capsys.readouterr().out.count("cached") == 4
 
-    # SIGINT during the evaluation: it stops before its next batch, and the demo with it
-    from megarope.eval import scoring
-
-    score, batches = scoring.score_sequences, []
-
-    def interrupted_in_the_second_model(model, ids, **kwargs):
-        batches.append(ids.shape)
-        if len(batches) == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-        return score(model, ids, **kwargs)
-
-    monkeypatch.setattr(scoring, "score_sequences", interrupted_in_the_second_model)
+    # SIGINT during the evaluation (in the second model): it stops before its next batch, and the demo with it
+    batches = count_scoring_calls(monkeypatch, signal_at=2)
     with pytest.raises(demo.Interrupted, match=r"stopped by SIGINT in stage eval") as e:
         demo.run(str(out), budget=TINY)
     assert e.value.signum == signal.SIGINT and len(batches) == 2  # one batch per model: the third never started

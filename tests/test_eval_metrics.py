@@ -37,3 +37,14 @@ def test_measured_break():
     assert 1050 <= measured_break([x + (2.0 if t >= 1150 else 0.0) for t, x in enumerate(smooth)], 128) <= 1160
     with pytest.raises(ValueError):
         measured_break([1.0] * 100, 128)
+
+
+def test_every_record_carries_the_break_of_its_own_curve():
+    jump = torch.tensor([1.0] * 1150 + [3.0] * 1000, dtype=torch.float64)  # per-position means, as summarize sees them
+    s = summarize(2 * jump, torch.zeros_like(jump), n_docs=2, break_after=128, positions=True)
+    assert s["measured_break"] == measured_break(s["position_loss"], 128) == measured_break(jump, 128)
+    short = summarize(2 * jump[:100], torch.zeros(100, dtype=torch.float64), n_docs=2, break_after=128)
+    assert short["measured_break"] is None  # no position past the tuning length
+    assert "measured_break" not in summarize(jump, torch.zeros_like(jump), n_docs=1)
+    empty = summarize(torch.zeros(9, dtype=torch.float64), torch.zeros(9, dtype=torch.float64), 0, break_after=4)
+    assert empty["measured_break"] is None

@@ -90,7 +90,9 @@ def _forward_shape(length: int, window: int | None, batch_tokens: int) -> tuple[
     return max(1, batch_tokens // scored), scored
 
 
-def _peak(preset, length, window, batch_tokens, dtype_bytes, tp, cp, cp_comm) -> float:
+def estimated_peak(preset, length: int, dtype_bytes: int = 2, tp: int = 1, cp: int = 1, cp_comm: str = "auto",
+                   window: int | None = None, batch_tokens: int = BATCH_TOKENS) -> float:
+    """Bytes per rank at the widest forward pass that scoring ``length`` makes (what --max-memory checks)."""
     sequences, scored = _forward_shape(length, window, batch_tokens)
     return estimate_eval_memory(preset, scored, dtype_bytes, tp, cp, cp_comm=cp_comm, sequences=sequences)["peak"]
 
@@ -103,7 +105,7 @@ def _longest_fitting(preset, length, window, batch_tokens, dtype_bytes, tp, cp, 
     lo, hi = 0, length // step  # multiples of step: lo fits (0 = none), hi does not
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if _peak(preset, mid * step, window, batch_tokens, dtype_bytes, tp, cp, cp_comm) <= limit:
+        if estimated_peak(preset, mid * step, dtype_bytes, tp, cp, cp_comm, window, batch_tokens) <= limit:
             lo = mid
         else:
             hi = mid
@@ -114,22 +116,23 @@ def _comm_that_fits(preset, length, window, batch_tokens, dtype_bytes, tp, cp, c
     """The K/V passing under which ``length`` fits (the ring where only it does), or None."""
     modes = [cp_comm] if cp_comm != "auto" or cp == 1 else ["auto", "ring"]
     for mode in modes:
-        if _peak(preset, length, window, batch_tokens, dtype_bytes, tp, cp, mode) <= limit:
+        if estimated_peak(preset, length, dtype_bytes, tp, cp, mode, window, batch_tokens) <= limit:
             return mode
     return None
 
 
 def check_max_memory(presets: dict[str, object], lengths: Sequence[int], max_memory_gb: float, dtype_bytes: int,
                      tp: int = 1, cp: int = 1, cp_comm: str = "auto", window: int | None = None,
-                     batch_tokens: int = BATCH_TOKENS) -> str:
-    """Refuse, in one line, an evaluation whose estimated peak per rank exceeds ``max_memory_gb``.
+                     batch_tokens: int = BATCH_TOKENS, limit_name: str = "--max-memory") -> str:
+    """Refuse, in one line, an evaluation whose estimated peak per rank exceeds ``max_memory_gb`` (the
+    setting the line names: ``limit_name``).
 
     ``presets`` maps each model's label to its preset. Returns the K/V passing to use: ``cp_comm``,
     or "ring" where "auto" would all-gather K/V that do not fit and the ring does. The error names
     the longest length that fits at this layout and the smallest CP that fits the length asked for.
     """
     if not max_memory_gb > 0:
-        raise UsageError(f"--max-memory must be positive, got {max_memory_gb:g}")
+        raise UsageError(f"{limit_name} must be positive, got {max_memory_gb:g}")
     limit = max_memory_gb * GB
     chosen = cp_comm
     for label, preset in presets.items():
@@ -138,7 +141,7 @@ def check_max_memory(presets: dict[str, object], lengths: Sequence[int], max_mem
             if mode is not None:
                 chosen = "ring" if mode == "ring" else chosen
                 break  # shorter lengths need less
-            need = _peak(preset, length, window, batch_tokens, dtype_bytes, tp, cp, cp_comm) / GB
+            need = estimated_peak(preset, length, dtype_bytes, tp, cp, cp_comm, window, batch_tokens) / GB
             longest = _longest_fitting(preset, length, window, batch_tokens, dtype_bytes, tp, cp,
                                        "ring" if cp > 1 and cp_comm == "auto" else cp_comm, limit)
             fits = [f"the longest length that fits at CP {cp} is {format_tokens(longest)}" if longest
@@ -149,6 +152,6 @@ def check_max_memory(presets: dict[str, object], lengths: Sequence[int], max_mem
             if needed:
                 fits.append(f"CP {needed} fits {format_tokens(length)}")
             raise UsageError(f"{label} at {format_tokens(length)} tokens needs an estimated {need:.1f} GB per rank "
-                             f"(TP {tp} x CP {cp}, {8 * dtype_bytes}-bit weights), over --max-memory "
+                             f"(TP {tp} x CP {cp}, {8 * dtype_bytes}-bit weights), over {limit_name} "
                              f"{max_memory_gb:g} GB: {'; '.join(fits)}")
     return chosen

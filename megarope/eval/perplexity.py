@@ -4,8 +4,8 @@ For each run (checkpoint x variant) and length L, every document at least L toke
 L tokens and its L-1 next-token predictions scored (eval.scoring); shorter documents are skipped for
 that length and counted in ``n_skipped``; ``max_docs`` scores at most the first N long-enough
 documents per length. Per position, the loss is averaged over documents, and the record holds the
-loss, perplexity, accuracy and log-spaced position buckets (eval.metrics). Documents are shared out
-over the data-parallel ranks.
+loss, perplexity, accuracy, log-spaced position buckets and the measured break past the run's tuning
+length (eval.metrics). Documents are shared out over the data-parallel ranks.
 
 Several lengths cost one read of each document: attention is causal, so a document truncated at L
 scores exactly the first L-1 targets of the same document read to a longer length -- unless RoPE
@@ -42,7 +42,8 @@ from megarope.trust import FOREIGN, Trust
 from megarope.units import format_tokens
 
 CSV_FIELDS = ["run", "checkpoint", "variant", "base", "effective_base", "length", "loss", "ppl", "accuracy", "n_docs",
-              "n_skipped", "n_tokens", "window", "stride", "predicted_bound", "regime", "tokens_per_s", "buckets"]
+              "n_skipped", "n_tokens", "window", "stride", "predicted_bound", "regime", "measured_break", "tokens_per_s",
+              "buckets"]
 RESUME_KEYS = ("checkpoint", "variant", "window", "stride", "tokenizer")  # what a reusable record must share
 # In out_dir while an evaluation is under way (or was stopped, or died): what it evaluates, and whether a
 # stop signal ended it. A run with resume=None resumes only such an evaluation of the same settings.
@@ -82,19 +83,20 @@ def _stop_checked(batches_of: Callable[[int], list], dp_rank: int, dp_size: int,
 
 def evaluate_model(model, docs: Sequence[torch.Tensor], lengths: Sequence[int], window: int | None = None,
                    stride: int | None = None, max_docs: int | None = None, bucket0: int = metrics.DEFAULT_BUCKET0,
-                   progress: str | None = None, positions: bool = False,
+                   progress: str | None = None, positions: bool = False, break_after: int | None = None,
                    on_record: Callable[[dict], None] | None = None, check_stop: Callable[[], None] | None = None,
                    **score_kwargs) -> list[dict]:
     """Score ``docs`` (token id tensors) at each length; documents are split over data-parallel ranks.
 
     Returns one dict per length (length, loss, ppl, accuracy, n_docs, n_skipped, n_tokens, buckets,
-    seconds, tokens_per_s), each also passed to ``on_record`` as soon as it is complete.
+    seconds, tokens_per_s, and with ``break_after`` the measured_break of its loss curve past that
+    length: metrics.summarize), each also passed to ``on_record`` as soon as it is complete.
     ``check_stop`` is called before each batch, as often on every rank (see _stop_checked), and stops
     the evaluation by raising: a length whose pass it interrupts gives no record.
     """
     if window is None and not model.megarope_rope.dynamic_ntk and len(lengths) > 1:
-        return _evaluate_by_prefix(model, docs, lengths, max_docs, bucket0, progress, positions, on_record,
-                                   check_stop, **score_kwargs)
+        return _evaluate_by_prefix(model, docs, lengths, max_docs, bucket0, progress, positions, break_after,
+                                   on_record, check_stop, **score_kwargs)
     dp_rank, dp_size, dp_group = runs.data_parallel()
     results = []
     for length in lengths:
@@ -124,7 +126,8 @@ def evaluate_model(model, docs: Sequence[torch.Tensor], lengths: Sequence[int], 
         bar.close()
         loss_sum, correct_sum = _reduce_over_dp(sums, dp_group, dp_size)
         seconds = time.perf_counter() - started
-        record = {"length": length, **metrics.summarize(loss_sum, correct_sum, len(chosen), bucket0, positions),
+        record = {"length": length,
+                  **metrics.summarize(loss_sum, correct_sum, len(chosen), bucket0, positions, break_after),
                   "n_docs": len(chosen), "n_skipped": len(docs) - len(eligible), "seconds": seconds,
                   "tokens_per_s": len(chosen) * length / seconds if seconds > 0 else float("nan")}
         results.append(record)
@@ -133,8 +136,8 @@ def evaluate_model(model, docs: Sequence[torch.Tensor], lengths: Sequence[int], 
     return results
 
 
-def _evaluate_by_prefix(model, docs, lengths, max_docs, bucket0, progress, positions, on_record, check_stop,
-                        **score_kwargs) -> list[dict]:
+def _evaluate_by_prefix(model, docs, lengths, max_docs, bucket0, progress, positions, break_after, on_record,
+                        check_stop, **score_kwargs) -> list[dict]:
     """evaluate_model for several full-sequence lengths in one pass per document.
 
     Each document is read once, at the longest length it is chosen for, and every shorter length
@@ -174,7 +177,8 @@ def _evaluate_by_prefix(model, docs, lengths, max_docs, bucket0, progress, posit
     results = []
     for L in lengths:
         loss_sum, correct_sum = _reduce_over_dp(sums[L], dp_group, dp_size)
-        record = {"length": L, **metrics.summarize(loss_sum, correct_sum, len(chosen[L]), bucket0, positions),
+        record = {"length": L,
+                  **metrics.summarize(loss_sum, correct_sum, len(chosen[L]), bucket0, positions, break_after),
                   "n_docs": len(chosen[L]), "n_skipped": len(docs) - len(eligible[L]), "seconds": seconds,
                   "tokens_per_s": read_tokens / seconds if seconds > 0 else float("nan")}
         results.append(record)
@@ -438,7 +442,8 @@ def _run(planned, tokenized, lengths, out_dir, settings, resume, stop, *, tp, cp
                       f"{rec['seconds']:.1f} s)", flush=True)
 
         evaluate_model(model, tokenized[r.tokenizer.spec], log.pending(r.name, lengths), window, stride, max_docs,
-                       bucket0, progress=r.name if verbose else None, positions=positions, on_record=on_record,
+                       bucket0, progress=r.name if verbose else None, positions=positions,
+                       break_after=model.megarope_rope.train_len, on_record=on_record,
                        check_stop=check_stop, **score_kwargs)
 
     try:
