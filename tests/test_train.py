@@ -335,6 +335,7 @@ def test_train_state_records_the_optimizer_format_numerics_and_layout(reference)
     assert CHECKPOINT_METADATA["distrib_optim_sharding_type"] == "dp_reshardable"
     assert state["precision"] == {"backend": "local", "dtype": "fp32", "fp8": None, "fp8_recipe": None}
     assert state["layout"] == {"tp": 1, "cp": 1, "pp": 1, "vpp": None, "dp": 1, "world": 1}
+    assert state["ddp_bucket_size"] is None  # one bucket on a CPU; GPUs record optim.DDP_BUCKET_SIZE
     assert state["config"]["train"]["dtype"] == "auto"  # as written; the resolved dtype is the one above
     trained = checkpoint.read_meta(step)["trained"]
     assert (trained["dtype"], trained["backend"], trained["fp8"]) == ("fp32", "local", None)
@@ -379,6 +380,24 @@ def test_gpu_checks_before_anything_starts(corpus, tmp_path):
     with pytest.raises(UsageError, match="36 tokens per rank .* not divisible by 8"):
         train.check_fp8_shapes(toy, cfg("train.fp8=e4m3", "train.seq_len=72", "parallel.tp=2", "train.micro_batch=1",
                                         "train.global_batch=4"))
+
+
+def test_megarope_device_cpu_on_a_gpu_machine_is_checked_as_a_cpu_run(corpus, tmp_path, monkeypatch):
+    """MEGAROPE_DEVICE=cpu is read before the checks: "auto" is fp32 and te is refused, as on a CPU (it was read
+    only in parallel.init, after the checks had taken the GPU for the one the run trains on)."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda _: SimpleNamespace(name="NVIDIA H100 80GB HBM3", major=9, minor=0, total_memory=85e9))
+    monkeypatch.delenv("MEGAROPE_DEVICE")
+    assert train.this_accelerator() == H100
+    monkeypatch.setenv("MEGAROPE_DEVICE", "cpu")
+    assert train.this_accelerator() is None
+    with pytest.raises(UsageError, match="model.backend te and train.fp8 need a GPU"):
+        train.run(make_cfg(corpus, tmp_path / "run", "model.backend=te"), progress=False)
+    assert not (tmp_path / "run").exists()
 
 
 # ----------------------------------------------------------------------------------------------- dry run

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from megatron.core import parallel_state
 
-from megarope import attention, checkpoint, convert, data, parallel
+from megarope import attention, checkpoint, compat, convert, data, parallel
 from megarope.errors import UsageError
 from megarope.eval.scoring import model_parallel_sizes
 from megarope.eval.variants import Variant
@@ -166,8 +166,8 @@ def data_parallel() -> tuple[int, int, object]:
 
 # ----------------------------------------------------------------------------------------------- models
 def default_dtype() -> torch.dtype:
-    """bf16 on a GPU, fp32 on a CPU."""
-    return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    """bf16 on a GPU, fp32 on a CPU (MEGAROPE_DEVICE=cpu included, which may be asked before parallel.init)."""
+    return torch.bfloat16 if compat.uses_cuda() else torch.float32
 
 
 def pick_backend(backend: str | None, meta: dict) -> str:
