@@ -182,6 +182,19 @@ def fail_together():
         raise RuntimeError("another rank failed (see its error)")
 
 
+@contextlib.contextmanager
+def as_world_of_one():
+    """Library code inside the block sees no process group (torch.distributed.is_initialized() is False), so it
+    takes its world-of-one path on this rank alone. Only for work that makes no collective call: megatron's
+    dataset build on rank 0, which would otherwise wait for the others in a barrier (data.build_gpt_dataset)."""
+    is_initialized = dist.is_initialized
+    dist.is_initialized = lambda: False
+    try:
+        yield
+    finally:
+        dist.is_initialized = is_initialized
+
+
 def any_rank(flag: bool) -> bool:
     """Whether ``flag`` is true on any rank: one all-reduce on the host-side group, which every rank must
     call the same number of times (so that all of them, e.g., stop at the same point on a signal)."""
