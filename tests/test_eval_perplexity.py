@@ -16,7 +16,7 @@ import pytest
 import torch
 from eval_helpers import CLI, REPO, corpus_texts, save_toy_checkpoint
 
-from megarope.eval import perplexity
+from megarope.eval import perplexity, runs
 
 
 @pytest.fixture(scope="module")
@@ -274,19 +274,19 @@ def test_a_signal_stops_before_the_next_batch_and_a_rerun_resumes_what_is_left(t
     assert e.value.exit_code == 128 + signal.SIGTERM and signal.getsignal(signal.SIGTERM) is before
     assert calls == [256, 256, 512]  # the batch under way finished; no other started
     assert [(r["run"], r["length"]) for r in perplexity.read_results(str(out))] == [("ckpt:dynamic-ntk", 256)]
-    assert json.loads((out / perplexity.UNFINISHED).read_text())["stopped"] == "SIGTERM"
+    assert json.loads((out / runs.UNFINISHED).read_text())["stopped"] == "SIGTERM"
 
     calls.clear()
     resumed = perplexity.run(**args, out_dir=str(out), resume=None)
     assert calls == [512] * 6  # dynamic-ntk at 512 again, then as-trained's one pass for both lengths
     assert _values(resumed) == _values(reference)
     assert _values(perplexity.read_results(str(out))) == _values(reference)
-    assert not (out / perplexity.UNFINISHED).exists()
+    assert not (out / runs.UNFINISHED).exists()
 
     # a finished evaluation is not resumed, nor an unfinished one of other documents: all is evaluated again
     for unfinished in (None, {"settings": {"documents": "others"}, "stopped": "SIGTERM"}):
         if unfinished:
-            (out / perplexity.UNFINISHED).write_text(json.dumps(unfinished))
+            (out / runs.UNFINISHED).write_text(json.dumps(unfinished))
         calls.clear()
         perplexity.run(**args, out_dir=str(out), resume=None)
         assert len(calls) == 8

@@ -11,13 +11,15 @@ The loop (:func:`each_run`) loads a run's model, hands it to the caller's evalua
 frees it -- every reference dropped, garbage collected, the CUDA cache emptied -- before the next one
 is loaded: two resident 7B models would double the memory an evaluation needs. Results are kept in a
 :class:`ResultLog`, which writes them out as each (run, length) completes and knows which pairs an
-earlier, interrupted evaluation already finished, so a rerun can skip them.
+earlier, interrupted evaluation already finished, so a rerun can skip them. :class:`StopAndResume`
+is how an evaluation (`eval`, `passkey`) stops on a signal and how a rerun knows it may resume.
 """
 
 from __future__ import annotations
 
 import gc
 import importlib.util
+import json
 import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -30,7 +32,14 @@ from megarope import attention, checkpoint, compat, convert, data, parallel
 from megarope.errors import UsageError
 from megarope.eval.scoring import model_parallel_sizes
 from megarope.eval.variants import Variant
+from megarope.files import write_json_atomic
 from megarope.model import Preset
+from megarope.signals import StopSignals, Stopped
+
+# In out_dir while an evaluation is under way (or was stopped, or died): what it evaluates, and whether a
+# stop signal ended it. A rerun resumes only such an evaluation of the same settings.
+UNFINISHED = "unfinished.json"
+EVAL_STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")  # training's, and Ctrl-C: what finished is kept
 
 
 @dataclass
@@ -252,3 +261,72 @@ class ResultLog:
         self.records.append(record)
         if self.write is not None:
             self.write(self.records)
+
+
+# ----------------------------------------------------------------------------------------------- stopping
+def read_unfinished(out_dir: str | None) -> dict:
+    """What out_dir's unfinished.json says ({} when there is none)."""
+    try:
+        with open(os.path.join(out_dir, UNFINISHED)) as f:
+            return json.load(f)
+    except (TypeError, OSError, ValueError):
+        return {}
+
+
+class StopAndResume:
+    """How an evaluation stops cleanly on a signal and resumes (`megarope eval` and `megarope passkey`).
+
+        job = StopAndResume(out_dir, settings)          # settings: everything that decides the results
+        keep = earlier_results(out_dir) if job.resumable else []
+        with job:                                        # SIGTERM, SIGINT, SIGUSR1 remembered, not fatal
+            try:
+                for unit in work:
+                    job.check()                          # collective: every rank stops before the same unit
+                    write_results(...); job.mark_unfinished()
+            except Stopped as e:
+                raise job.stopped(e, "2 of 5 lengths", "passkey.json") from None
+        job.finish()
+
+    While the evaluation runs, out_dir/unfinished.json holds its settings, and the signal once one stopped
+    it; ``resumable`` says whether out_dir held an unfinished evaluation of the same settings when the job
+    was made, whose finished results a rerun keeps. A unit that a stop interrupts records nothing. Rank 0
+    writes (decided when the job is made, from the launcher's rank where the parallel state is not up yet).
+    """
+
+    def __init__(self, out_dir: str | None, settings: dict | None):
+        self.out_dir, self.settings = out_dir, settings
+        self.resumable = bool(out_dir) and read_unfinished(out_dir).get("settings") == settings
+        self.main = parallel.is_main()
+        self._signals = StopSignals(EVAL_STOP_SIGNALS)
+
+    def __enter__(self):
+        self._signals.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._signals.__exit__(*exc)
+
+    def check(self) -> None:
+        """Raise signals.Stopped on every rank once a stop signal reached any rank (one collective, which every
+        rank must call as often)."""
+        if parallel.any_rank(self._signals.received is not None):
+            raise Stopped(self._signals.received)
+
+    def mark_unfinished(self, stopped: str | bool | None = None) -> None:
+        """Write unfinished.json (rank 0, with an out_dir): before the first result is written, and on a stop."""
+        if self.out_dir and self.main:
+            os.makedirs(self.out_dir, exist_ok=True)
+            write_json_atomic(os.path.join(self.out_dir, UNFINISHED), {"settings": self.settings, "stopped": stopped})
+
+    def stopped(self, e: Stopped, done: str, results: str) -> Stopped:
+        """The Stopped to raise once ``e`` ended the work: unfinished.json records the signal, and the message
+        says what is done (``done``, e.g. "2 of 5 lengths") and where (``results``, a file in out_dir)."""
+        self.mark_unfinished(stopped=e.signal or True)
+        where = f" (in {self.out_dir}/{results}); run the same command to resume" if self.out_dir else ""
+        return Stopped(e.signal, f"stopped by {e.signal or 'a signal to another rank'} with {done} done{where}")
+
+    def finish(self) -> None:
+        """The evaluation is complete: no unfinished.json is left (rank 0)."""
+        path = os.path.join(self.out_dir, UNFINISHED) if self.out_dir else None
+        if path and self.main and os.path.exists(path):  # absent when every result was resumed
+            os.remove(path)
