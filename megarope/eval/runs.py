@@ -4,7 +4,7 @@ state, and the checkpoint loop that holds one model at a time.
 A *run* is one (checkpoint, variant) pair, named "<checkpoint label>:<variant>". RoPE has no weights,
 so every variant loads the same checkpoint with other RoPE settings. A checkpoint is a megarope
 checkpoint (verified against its manifest before it is loaded) or an HF model directory, converted in
-memory by convert.load_hf with the tokenizer found beside it -- nothing is written. The scaling law's
+memory by convert.HFCheckpoint with the tokenizer found beside it -- nothing is written. The scaling law's
 inputs come from the checkpoint's lineage (megarope.lineage).
 
 The loop (:func:`each_run`) loads a run's model, hands it to the caller's evaluation function, and
@@ -67,7 +67,7 @@ class Run:
 
 # ----------------------------------------------------------------------------------------------- planning
 def is_hf_model(path: str) -> bool:
-    """An HF model directory (config.json, no megarope.json): evaluated converted in memory (convert.load_hf)."""
+    """An HF model directory (config.json, no megarope.json): evaluated converted in memory (convert.HFCheckpoint)."""
     return os.path.isfile(os.path.join(path, "config.json")) and not os.path.isfile(os.path.join(path, checkpoint.META))
 
 
@@ -190,15 +190,16 @@ def pick_backend(backend: str | None, meta: dict) -> str:
 
 
 def load_run_model(run: Run, backend: str | None = None, dtype: torch.dtype | None = None,
-                   cp_comm: str = "auto"):
+                   cp_comm: str = "auto", hf: convert.HFCheckpoint | None = None):
     """The run's model, rebuilt with the run's RoPE variant for the current parallel state: a megarope
-    checkpoint, or an HF directory converted in memory."""
+    checkpoint, or an HF directory converted in memory (from ``hf``, its weights as read for an earlier variant,
+    where given)."""
     overrides = run.variant.rope_overrides(run.meta["rope"])
     backend, dtype = pick_backend(backend, run.meta), dtype or default_dtype()
     with warnings.catch_warnings():  # torch.distributed.checkpoint and megatron warn about CPU/world-of-one loads
         warnings.filterwarnings("ignore", module=r"(torch\.distributed\.checkpoint|megatron)")
         if is_hf_model(run.checkpoint):
-            model, _ = convert.load_hf(run.checkpoint, backend, overrides, dtype=dtype)
+            model = (hf or convert.HFCheckpoint(run.checkpoint)).model(backend, overrides, dtype=dtype)
         else:
             model = checkpoint.build_from_checkpoint(run.checkpoint, backend=backend, rope_overrides=overrides,
                                                      dtype=dtype)
@@ -221,15 +222,22 @@ def each_run(runs: Iterable[Run], evaluate: Callable, backend: str | None = None
     model is loaded (``evaluate`` must not keep it). A megarope checkpoint is verified against its
     manifest (collective: the hashing is shared out over the ranks) before its first run loads it, once
     however many variants read it: a damaged file loads without complaint, and is one line here instead.
+    An HF directory's weights are read once for all its variants (convert.HFCheckpoint), and let go
+    when the runs move on to another checkpoint.
     """
-    verified = set()
+    verified, hf = set(), None
     for run in runs:
-        if run.checkpoint not in verified and not is_hf_model(run.checkpoint):
+        if hf is not None and hf.path != run.checkpoint:
+            hf = None
+            free_memory()
+        if is_hf_model(run.checkpoint):
+            hf = hf or convert.HFCheckpoint(run.checkpoint)
+        elif run.checkpoint not in verified:
             problem = checkpoint.verify_checkpoint(run.checkpoint)
             if problem:
                 raise UsageError(f"checkpoint {run.checkpoint}: {problem}")
             verified.add(run.checkpoint)
-        model = load_run_model(run, backend, dtype, cp_comm)
+        model = load_run_model(run, backend, dtype, cp_comm, hf)
         try:
             result = evaluate(run, model)
         finally:
