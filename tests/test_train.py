@@ -557,6 +557,30 @@ def test_torchrun_cp2_trains_stops_on_sigterm_and_resumes(corpus, reference, tmp
     assert [m["step"] for m in metrics(ckpt)] == list(range(1, stopped + 2))
 
 
+def test_torchrun_sh_checks_the_config_and_sets_what_megatron_wants_with_tp_or_cp(corpus, tmp_path):
+    """launch/torchrun.sh reads the config before it starts torchrun: a bad one is one line and exit 2, and
+    TP or CP > 1 gets CUDA_DEVICE_MAX_CONNECTIONS=1 (config.launch_environment) unless it was set already."""
+    fake = tmp_path / "python"  # the interpreter the script runs: the real one for its check, a stub for torchrun
+    fake.write_text(f'#!/bin/sh\nif [ "$1" = "-" ]; then exec {sys.executable} "$@"; fi\n'
+                    'echo "CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-unset} $*"\n')
+    fake.chmod(0o755)
+    path = write_yaml(make_cfg(corpus, tmp_path / "run"), tmp_path / "c.yaml")
+    base = {k: v for k, v in cli_env().items() if k != "CUDA_DEVICE_MAX_CONNECTIONS"}
+
+    def launch(*args, **env):
+        return subprocess.run([os.path.join(REPO, "launch", "torchrun.sh"), "2", path, *args], capture_output=True,
+                              text=True, env={**base, "PYTHON": str(fake), **env}, timeout=120)
+
+    for overrides, expected in ((["parallel.cp=2", "--no-progress"], "1"), (["parallel.tp=2"], "1"), ([], "unset")):
+        started = launch(*overrides)
+        assert started.returncode == 0, started.stderr
+        assert started.stdout.startswith(f"CUDA_DEVICE_MAX_CONNECTIONS={expected} -m torch.distributed.run"), overrides
+    assert launch("parallel.cp=2", CUDA_DEVICE_MAX_CONNECTIONS="8").stdout.startswith("CUDA_DEVICE_MAX_CONNECTIONS=8")
+    bad = launch("parallel.tp=0")
+    assert (bad.returncode, bad.stdout) == (2, "") and len(bad.stderr.strip().splitlines()) == 1
+    assert bad.stderr.startswith("megarope: error: ") and "parallel.tp" in bad.stderr
+
+
 @pytest.mark.slow
 def test_toy_example_runs_from_nothing(tmp_path, capsys):
     """`megarope train examples/toy_cpu.yaml` prepares its data on first use (shortened to 3 steps)."""
