@@ -555,7 +555,6 @@ def hf_to_mcore(hf_dir: str, out_dir: str, tp: int = 1, tokenizer: str | None = 
     source = inspect_hf(hf_dir, tokenizer, pretrain_base, pretrain_len, tune_len, tp)
 
     from megarope import checkpoint, parallel  # imported late: every input check above runs without them
-
     from megarope.model import Preset, build_model
 
     parallel.init(tp=1)
