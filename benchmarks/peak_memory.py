@@ -44,7 +44,8 @@ def added_mib(base_kb: int) -> float:
 def run_children(command: list[str], env: dict, ranks: int = 1, what: str = "", rank_env=None,
                  timeout: float | None = None) -> list[dict]:
     """Run ``command`` in ``ranks`` fresh processes (the ranks of one group when more than one; ``rank_env(r)``
-    adds variables of rank r's own) and return the JSON object each printed last. A failed child, or children
+    adds variables of rank r's own) and return the JSON object each printed last (the last line that is one: a
+    library may print after it as the process ends). A failed child, or children
     still running after ``timeout`` seconds (then all are killed), end the benchmark with the stderr of one.
     Their output goes to files, so that no child waits on a full pipe while another one is read."""
     port = str(free_port())
@@ -70,5 +71,5 @@ def run_children(command: list[str], env: dict, ranks: int = 1, what: str = "", 
         if proc.returncode:
             late = f" (still running after {timeout:.0f} s)" if proc.returncode == -signal.SIGKILL and timeout else ""
             raise SystemExit(f"{what} failed{late}:\n{stderr[-3000:]}")
-        results.append(json.loads(stdout.strip().splitlines()[-1]))
+        results.append(json.loads(next(line for line in reversed(stdout.splitlines()) if line.startswith("{"))))
     return results

@@ -9,7 +9,7 @@ import sysconfig
 
 import pytest
 import torch
-from eval_helpers import REPO, save_toy_checkpoint
+from eval_helpers import REPO, save_toy_checkpoint, scored_again
 
 
 @pytest.fixture(scope="module")
@@ -148,12 +148,7 @@ def test_a_signal_stops_before_the_next_batch_and_a_rerun_resumes_the_lengths_le
     assert resumed == reference == json.loads((out / "passkey.json").read_text())
     assert not (out / runs.UNFINISHED).exists() and (out / "passkey.png").exists()
 
-    for unfinished in (None, {"settings": {"seed": 1}, "stopped": "SIGTERM"}):
-        if unfinished:
-            (out / runs.UNFINISHED).write_text(json.dumps(unfinished))
-        calls.clear()
-        passkey.run(**args, out_dir=str(out), resume=True)
-        assert len(calls) == 10
+    assert scored_again(lambda: passkey.run(**args, out_dir=str(out), resume=True), out, calls, {"seed": 1}) == [10, 10]
 
 
 @pytest.mark.slow
@@ -161,24 +156,15 @@ def test_passkey_cli_stops_on_sigterm_with_its_status_and_the_same_command_resum
     """`megarope passkey`, SIGTERM once its first length is on disk: one line, exit 128 + SIGTERM; the same
     command then finishes, each length once, equal to a run that never stopped."""
     import signal
-    import time
 
+    from eval_helpers import sigterm_once_written
     from megarope.eval import passkey
 
     out = tmp_path / "pk"
     args = ["passkey", "--checkpoint", toy_ckpt, "--lengths", "512,1K,2K,4K", "--depths", "0,0.5,1", "--trials", "3",
             "--out", str(out)]
-    proc = subprocess.Popen([sys.executable, "-m", "megarope", *args], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 240
-        while not (out / "passkey.json").exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        stdout, stderr = proc.communicate(timeout=120)
-    finally:
-        proc.kill() if proc.poll() is None else None
-    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    returncode, stderr = sigterm_once_written(args, out / "passkey.json")
+    assert returncode == 128 + signal.SIGTERM, stderr[-3000:]
     done = json.loads((out / "passkey.json").read_text())["lengths"]
     assert 1 <= len(done) < 4
     said = [line for line in stderr.splitlines() if line.startswith("megarope")]
