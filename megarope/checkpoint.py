@@ -258,14 +258,15 @@ def _dist_save(sharded_state_dict: dict, directory: str) -> None:
     megatron's synchronous save (0.19.2: TorchDistSaveShardedStrategy.save, AsyncRequest.execute_sync) writes
     each rank's shards and then waits for every rank in a barrier of the default group: NCCL's on GPUs, whose
     watchdog ends the job when the slowest writer (a 70B optimizer state on a network file system) takes longer
-    than its timeout. This runs the same request, megatron's own, with that wait moved before the barrier."""
+    than its timeout. This runs the same request, megatron's own, with the ranks meeting before the barrier
+    (parallel.fail_together: also, a rank whose write raised stops them all there)."""
     request = dist_checkpointing.save(sharded_state_dict, directory, async_sharded_save=True, async_strategy="mcore")
     write = request.async_fn
 
     def write_then_wait(*args, **kwargs):
-        if write is not None:
-            write(*args, **kwargs)
-        wait_for_all()
+        with parallel.fail_together():  # the wait, and a rank whose write raised stops every rank before the barrier
+            if write is not None:
+                write(*args, **kwargs)
 
     request._replace(async_fn=write_then_wait).execute_sync()  # a NamedTuple's own copy-with-changes
 
