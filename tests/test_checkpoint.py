@@ -241,7 +241,9 @@ def _save_with_a_slow_writer(root):
 def test_a_save_waits_for_its_slowest_writer_on_the_long_wait_group(tmp_path):
     """megatron's save waits for every rank's shards in a barrier of the default group (NCCL's, with its
     10-minute watchdog, on GPUs): with the default group's timeout shorter than the slow rank's write, that
-    failed; the ranks now meet on the host-side group first."""
+    failed; the ranks now meet on the host-side group first. (The long wait is AsyncRequest.execute_sync's
+    barrier, right after each rank's write, not the closing barrier of dist_checkpointing.save, which only
+    follows rank 0's small metadata write.)"""
     from distributed import run_distributed
 
     assert run_distributed(_save_with_a_slow_writer, 2, str(tmp_path), timeout=300) == [None, None]

@@ -54,7 +54,8 @@ def _progress(total: int, label: str, show: bool):
 def _reduce_over_dp(sums: torch.Tensor, group, size: int) -> torch.Tensor:
     if size > 1:
         # A rank without a last batch gets here while another scores its own (minutes at 1M tokens): the wait
-        # is on the host-side group, not inside the NCCL all-reduce, whose watchdog would end it (parallel.py).
+        # is on the host-side group, not inside the NCCL all-reduce, whose watchdog would end it after the
+        # data-parallel group's timeout (megatron's subgroups: 30 minutes; parallel.py).
         parallel.wait_for_all()
         sums = sums.to(parallel.device())
         dist.all_reduce(sums, group=group)
