@@ -450,13 +450,13 @@ def test_sigterm_saves_at_the_end_of_the_step_and_a_restart_continues(corpus, tm
 KILL_DURING_SAVE = textwrap.dedent("""
     import sys, time
     from megarope import checkpoint, config, train
-    real = checkpoint.dist_checkpointing.save
-    def save_then_hang(state, directory, *args, **kwargs):
-        real(state, directory, *args, **kwargs)
+    real = checkpoint._dist_save  # each save of a sharded state (dist_checkpointing's)
+    def save_then_hang(state, directory):
+        real(state, directory)
         if ".step_0000004.partial" in directory and directory.endswith("optimizer"):
             open(sys.argv[2], "w").close()  # step 4's model and optimizer are on disk, the rest is not
             time.sleep(600)
-    checkpoint.dist_checkpointing.save = save_then_hang
+    checkpoint._dist_save = save_then_hang
     train.run(config.load_config(sys.argv[1]), progress=False)
 """)
 
