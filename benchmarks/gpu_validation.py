@@ -6,11 +6,13 @@
 The checks, in this order, each in its own process with its own time limit, so that a crash, a hang
 or an out-of-memory in one never hides the others:
   environment      torch, CUDA, the GPU, Transformer Engine and megatron-core: versions, and TE imports
+                   (in the CLI's order: TE before anything touches cuDNN)
   tests/gpu/*.py   pytest, one process per file: te vs local logits in fp32 and bf16, with checkpoints
                    loaded in both directions; no host sync in the loss; the distributed optimizer's
                    save and an exact resume (train.run to exit_at_step, then again); the FP8 forward
                    follows each optimizer step through megatron's schedule; FP8 loss close to bf16;
-                   FP8 checkpoints reloaded (tensorwise, and delayed scaling's pickled state)
+                   FP8 checkpoints reloaded (tensorwise; delayed scaling's pickled state on resume,
+                   and a shared copy of it refused without the opt-in)
   long_eval        a 2-layer llama-1b scored at 128K and 1M tokens (te) and 128K (local): seconds,
                    tokens/s, peak memory (torch.cuda.max_memory_allocated) against estimate_eval_memory
   throughput       training tokens/s of megarope's te spec against megatron-core's stock
@@ -104,19 +106,12 @@ def _free() -> None:
 def child_environment(args, result: dict, save) -> None:
     import importlib.metadata as md
 
+    # The CLI's order: torch, then megatron-core (which imports Transformer Engine) and megarope, and only then
+    # anything that initialises CUDA or cuDNN. Asking for cuDNN's version before Transformer Engine is imported
+    # makes TE take cuDNN's sub-libraries from a system cuDNN beside torch's (README, Troubleshooting).
     import torch
 
-    info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        info.update(gpu_memory_gib=_gib(props.total_memory), capability=f"{props.major}.{props.minor}",
-                    cudnn=torch.backends.cudnn.version())
-    for package in ("transformer-engine", "transformer-engine-cu13", "transformer-engine-torch", "megatron-core"):
-        try:
-            info[package] = md.version(package)
-        except md.PackageNotFoundError:
-            info[package] = None
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
     try:
         for module in ("transformer_engine.pytorch", "megatron.core.extensions.transformer_engine"):  # + megatron's wrappers
             importlib.import_module(module)
@@ -125,6 +120,16 @@ def child_environment(args, result: dict, save) -> None:
         info["te_import"] = _error_line(e)
     for module in ("megatron.core", "megarope.model", "megarope.train"):
         importlib.import_module(module)
+    info["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    if info["gpu"]:
+        props = torch.cuda.get_device_properties(0)
+        info.update(gpu_memory_gib=_gib(props.total_memory), capability=f"{props.major}.{props.minor}")
+    info["cudnn"] = torch.backends.cudnn.version()
+    for package in ("transformer-engine", "transformer-engine-cu13", "transformer-engine-torch", "megatron-core"):
+        try:
+            info[package] = md.version(package)
+        except md.PackageNotFoundError:
+            info[package] = None
 
     result["environment"] = info
     result["ok"] = args.dry or (info["gpu"] is not None and info["te_import"] == "ok")

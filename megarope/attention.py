@@ -45,14 +45,19 @@ call the same fused kernels it uses, directly, and keep the (short) scheduling h
   CUDA: aten._scaled_dot_product_efficient_attention (+ _backward): any dtype (fp32 included, which
         the flash kernel lacks). Its LSE is padded to a multiple of 32 queries, and it wants as many
         K/V heads as query heads: unmasked parts fold the query groups into the query sequence
-        (exact, no K/V copy), causal parts repeat the K/V heads of their one chunk.
+        (exact, no K/V copy), causal parts repeat the K/V heads of their one chunk. Its backward
+        assumes a row layout of ``out`` that it does not check: :func:`kernel_args` prepares every
+        argument (fold, repeat, LSE padding, packed rows) for both directions.
 These are private aten ops (what torch's own CP and torch.compile call); their signatures are read
-from PyTorch 2.14 and the CUDA path has not yet run on a GPU (tests/gpu/test_attention_cuda.py).
+from PyTorch 2.14. The CUDA path ran on one H200 (torch 2.11): the forward held, and the backward gave
+wrong dq/dk in bf16 where ``out`` came in another row layout, which kernel_args now packs; that fix
+has not yet run on a GPU (tests/gpu/test_attention_cuda.py checks it there).
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -85,15 +90,88 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _fold_groups(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
-    """[b, h, s, d] -> [b, kv_heads, (h / kv_heads) * s, d]: the queries of a K/V head's group in a row."""
+class KernelArgs(NamedTuple):
+    """The memory-efficient kernel's arguments for one part, laid out as its CUDA kernel reads them."""
+
+    q: torch.Tensor  # [b, h', sq', d]: h' = kv_heads and sq' = groups * sq when the query groups are folded
+    k: torch.Tensor  # [b, h', sk, d]
+    v: torch.Tensor
+    groups: int  # query heads folded into each K/V head's sequence (1: no fold)
+    repeats: int  # copies of each K/V head (1: none)
+    grad_out: torch.Tensor | None = None  # the backward's: like q, in the kernel's rows
+    out: torch.Tensor | None = None
+    lse: torch.Tensor | None = None  # [b, h', sq' padded to a multiple of _LSE_ALIGN], fp32
+
+    def unfold(self, x: torch.Tensor) -> torch.Tensor:
+        """A result per kernel query (out, lse, dq: [b, h', sq', ...]) as one per query ([b, h, sq, ...])."""
+        if self.groups == 1:
+            return x
+        b, kv_heads, rows = x.shape[:3]
+        return x.reshape(b, kv_heads * self.groups, rows // self.groups, *x.shape[3:])
+
+    def kv_grad(self, x: torch.Tensor) -> torch.Tensor:
+        """dk or dv of the kernel's K/V heads ([b, h', sk, d]) summed onto the part's K/V heads."""
+        if self.repeats == 1:
+            return x
+        b, heads, sk, d = x.shape
+        return x.reshape(b, heads // self.repeats, self.repeats, sk, d).sum(2)
+
+
+def _kernel_rows(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """x [b, h, s, d] as [b, kv_heads, g*s, d] (g = h / kv_heads query heads of a K/V head in a row; g = 1:
+    x's shape) whose query rows lie as the kernel assumes: in the [b, g*s, kv_heads, d] transpose, row m
+    starts m * kv_heads * d elements in and its d elements are adjacent. A view of x when x already lies
+    so (the kernel's own output does), else one copy."""
     b, h, s, d = x.shape
-    return x.reshape(b, kv_heads, h // kv_heads * s, d)
+    g = h // kv_heads
+    rows = x.unflatten(1, (kv_heads, g)).permute(0, 2, 3, 1, 4)  # [b, g, s, kv_heads, d]: a view
+    row = kv_heads * d
+    if not (rows.stride(4) == 1 and rows.stride(2) == row and (g == 1 or rows.stride(1) == s * row)):
+        rows = rows.contiguous()
+    return rows.reshape(b, g * s, kv_heads, d).transpose(1, 2)
 
 
-def _unfold_groups(x: torch.Tensor, heads: int) -> torch.Tensor:
-    b, kv_heads, gs = x.shape[:3]
-    return x.reshape(b, heads, gs * kv_heads // heads, *x.shape[3:])
+def _padded_lse(lse: torch.Tensor) -> torch.Tensor:
+    """[..., n] -> [..., n padded to a multiple of _LSE_ALIGN], unit stride (as the forward returns it)."""
+    n = lse.shape[-1]
+    width = math.ceil(n / _LSE_ALIGN) * _LSE_ALIGN
+    if width == n and lse.stride(-1) == 1:
+        return lse
+    padded = lse.new_zeros(*lse.shape[:-1], width)
+    padded[..., :n] = lse
+    return padded
+
+
+def kernel_args(q, k, v, causal: bool, grad_out=None, out=None, lse=None) -> KernelArgs:
+    """The arguments of aten's memory-efficient attention for one part: the forward's (q, k, v), and with
+    grad_out, out and lse (the merged output and LSE of these queries) the backward's. Pure tensor work, on
+    any device: the CPU tests check the layout it returns.
+
+    - GQA: the kernel wants as many K/V heads as query heads. Unmasked parts fold each K/V head's group of
+      query heads into its query sequence (exact, no K/V copy); causal parts repeat the K/V heads (a
+      causal mask is per position, so folded queries would see the wrong keys).
+    - The backward reads ``out`` at a row stride of its own: PyTorch's mem_eff_attention/kernel_backward.h
+      takes ``out``'s batch and head strides but computes its row stride as heads x head_dim
+      (``Params::o_strideM()``), and in half precision the kernel computes delta = rowsum(dO * O) from
+      ``out`` itself (``kKernelComputesDelta``, ``computeDelta``); in fp32 aten computes it, with the real
+      strides. A fold, or a [b, h, s, d] view of megarope's [s, b, h, d] buffers with b >= 2, has another
+      row stride: read as is, delta comes from other queries' rows (or past the buffer's end), and dq and
+      dk are wrong. So ``out`` goes in packed rows, and ``grad_out`` too (aten would copy it into that
+      layout anyway: its row stride is read, but the kernel wants it contiguous).
+    - The LSE is padded to a multiple of _LSE_ALIGN queries, as the kernel's forward returns it.
+    """
+    heads, kv_heads = q.shape[1], k.shape[1]
+    groups, repeats = (heads // kv_heads, 1) if not causal else (1, heads // kv_heads)
+    if groups > 1:
+        q = _kernel_rows(q, kv_heads)
+    if repeats > 1:
+        k, v = (t.repeat_interleave(repeats, dim=1) for t in (k, v))
+    if out is None:
+        return KernelArgs(q, k, v, groups, repeats)
+    kernel_heads = q.shape[1]
+    grad_out, out = (_kernel_rows(t, kernel_heads) for t in (grad_out, out))
+    lse = _padded_lse(lse.reshape(lse.shape[0], kernel_heads, -1))
+    return KernelArgs(q, k, v, groups, repeats, grad_out, out, lse)
 
 
 def attention_with_lse(q, k, v, causal: bool, scale: float):
@@ -103,17 +181,10 @@ def attention_with_lse(q, k, v, causal: bool, scale: float):
     """
     if q.device.type != "cuda":
         return aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
-    heads, kv_heads, sq = q.shape[1], k.shape[1], q.shape[2]
-    fold = heads != kv_heads and not causal
-    if fold:
-        q = _fold_groups(q, kv_heads)
-    elif heads != kv_heads:
-        k, v = (t.repeat_interleave(heads // kv_heads, dim=1) for t in (k, v))
-    out, lse = aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal, scale=scale)[:2]
-    lse = lse[..., :q.shape[2]]
-    if fold:
-        out, lse = _unfold_groups(out, heads), _unfold_groups(lse, heads)
-    return out, lse[..., :sq]
+    args = kernel_args(q, k, v, causal)
+    out, lse = aten._scaled_dot_product_efficient_attention(args.q, args.k, args.v, None, True, 0.0, causal,
+                                                            scale=scale)[:2]
+    return args.unfold(out), args.unfold(lse[..., :args.q.shape[2]])
 
 
 def attention_with_lse_backward(grad_out, q, k, v, out, lse, causal: bool, scale: float):
@@ -121,26 +192,12 @@ def attention_with_lse_backward(grad_out, q, k, v, out, lse, causal: bool, scale
     if q.device.type != "cuda":
         return aten._scaled_dot_product_flash_attention_for_cpu_backward(grad_out, q, k, v, out, lse, 0.0, causal,
                                                                          scale=scale)
-    heads, kv_heads = q.shape[1], k.shape[1]
-    fold = heads != kv_heads and not causal
-    if fold:
-        q, grad_out, out = (_fold_groups(t, kv_heads) for t in (q, grad_out, out))
-        lse = _fold_groups(lse.unsqueeze(-1), kv_heads).squeeze(-1)
-    elif heads != kv_heads:
-        k, v = (t.repeat_interleave(heads // kv_heads, dim=1) for t in (k, v))
-    sq = q.shape[2]
-    padded = lse.new_zeros(*lse.shape[:2], math.ceil(sq / _LSE_ALIGN) * _LSE_ALIGN)
-    padded[..., :sq] = lse
+    args = kernel_args(q, k, v, causal, grad_out, out, lse)
     no_dropout = torch.empty((), dtype=torch.int64, device=q.device)  # the RNG state is read only with dropout
     dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
-        grad_out, q, k, v, None, out, padded, no_dropout, no_dropout, 0.0, [True, True, True, False], causal,
-        scale=scale)
-    if fold:
-        dq = _unfold_groups(dq, heads)
-    elif heads != kv_heads:
-        b, _, sk, d = dk.shape
-        dk, dv = (t.reshape(b, kv_heads, heads // kv_heads, sk, d).sum(2) for t in (dk, dv))
-    return dq, dk, dv
+        args.grad_out, args.q, args.k, args.v, None, args.out, args.lse, no_dropout, no_dropout, 0.0,
+        [True, True, True, False], causal, scale=scale)
+    return args.unfold(dq), args.kv_grad(dk), args.kv_grad(dv)
 
 
 def merge_parts(out: torch.Tensor, lse: torch.Tensor, part_out: torch.Tensor, part_lse: torch.Tensor) -> None:

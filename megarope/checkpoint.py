@@ -39,21 +39,20 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from megarope import parallel
 from megarope.data import copy_tokenizer
-from megarope.errors import UsageError
+from megarope.errors import UsageError, causes
 from megarope.files import partial_dir, replace_dir, sha256_file, write_json_atomic, write_text_atomic
 from megarope.parallel import is_main, wait_for_all
+from megarope.trust import CONFIG_OPT_IN, FOREIGN, Trust, guarded_load
 
 META = "megarope.json"
 MANIFEST = "manifest.json"
-# Transformer Engine (>= 2.18) unpickles the FP8 delayed-scaling state of a checkpoint only when this is 1.
-UNSAFE_PICKLE_ENV = "NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE"
 EXTRA_STATE = "_extra_state"  # torch's key suffix for a module's get_extra_state()
 # Less free space than this after a failed write means the disk is full (see _no_space_left).
 FULL_BELOW_BYTES = 1 << 20
 # The rank that wrote a file: megatron's writer names rank R's shards [group]__R_<i>.distcp (filesystem_async),
-# save_training names rank R's RNG state rank/rank_R.pt; rank 0 writes everything else.
+# save_training names rank R's RNG state rank/rank_R.json (rank_R.pt before); rank 0 writes everything else.
 _SHARD_OWNER = re.compile(r"__(\d+)_\d+\.distcp$")
-_RANK_FILE_OWNER = re.compile(r"^rank/rank_(\d+)\.pt$")
+_RANK_FILE_OWNER = re.compile(r"^rank/rank_(\d+)\.(json|pt)$")
 
 
 def _barrier():
@@ -107,18 +106,7 @@ def _os_error(error: BaseException) -> OSError | None:
     """The OSError behind ``error``: itself, one of its causes, or a rank's failure that
     torch.distributed.checkpoint gathered into a CheckpointException (megatron wraps a writer's error
     in a RuntimeError there)."""
-    stack, seen = [error], set()
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, OSError):
-            return e
-        stack += [e.__cause__, e.__context__]
-        if isinstance(e, CheckpointException):
-            stack += [failure[0] for failure in e.failures.values()]
-    return None
+    return next((e for e in causes(error) if isinstance(e, OSError)), None)
 
 
 def _no_space_left(path: str) -> bool:
@@ -338,26 +326,6 @@ def tokenizer_path(directory: str) -> str | None:
     return inside if os.path.exists(inside) else name
 
 
-@contextlib.contextmanager
-def trusted_extra_state():
-    """Let Transformer Engine unpickle FP8 metadata while megarope loads a checkpoint it wrote itself.
-
-    TE >= 2.18 refuses pickled ``_extra_state`` (FP8 delayed scaling's) unless
-    NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE=1, since unpickling can run code. A megarope checkpoint
-    (it has megarope.json) comes from megarope's own saves, so the variable is set for the load only
-    and restored afterwards. The default recipe (tensorwise) stores no pickle at all.
-    """
-    previous = os.environ.get(UNSAFE_PICKLE_ENV)
-    os.environ[UNSAFE_PICKLE_ENV] = "1"
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(UNSAFE_PICKLE_ENV, None)
-        else:
-            os.environ[UNSAFE_PICKLE_ENV] = previous
-
-
 def _refuse_mismatch(directory: str, in_checkpoint_only, in_model_only) -> None:
     """One line naming the keys that do not match, unless they are only modules' extra state.
 
@@ -377,27 +345,38 @@ def _refuse_mismatch(directory: str, in_checkpoint_only, in_model_only) -> None:
         raise UsageError(f"{directory} does not fit this model: {'; '.join(problems)}")
 
 
-def load_model(model, directory: str) -> None:
+def load_model(model, directory: str, trust: Trust = FOREIGN) -> None:
     """Load a checkpoint's weights into ``model``, whatever TP/CP layout and backend either side has.
 
-    Only ``_extra_state`` keys may be missing on either side (a "local" checkpoint into a "te" model
-    and back); any other mismatch raises UsageError. dist_checkpointing's StrictHandling.RETURN_ALL
-    reports both kinds of mismatch (checkpoint-only keys need the ranks' metadata, which
-    dist_checkpointing's integrity check gathers anyway) and leaves the model-only keys out of the load.
+    ``trust``: how far the load trusts the checkpoint (megarope.trust: FOREIGN, the default, loads
+    nothing that can run code and refuses, in one line, a checkpoint that needs it). Only
+    ``_extra_state`` keys may be missing on either side (a "local" checkpoint into a "te" model and
+    back); any other mismatch raises UsageError.
     """
     read_meta(directory)
-    with trusted_extra_state():
-        with _one_line_load_errors(os.path.join(directory, "model")):
-            state, checkpoint_only, model_only = dist_checkpointing.load(
-                model.sharded_state_dict(), os.path.join(directory, "model"), strict=StrictHandling.RETURN_ALL)
-        _refuse_mismatch(directory, checkpoint_only, model_only)
-        result = model.load_state_dict(state, strict=False)
+    with guarded_load(directory, trust, ("model",), model):
+        _load_weights(model, directory)
+
+
+def _load_weights(model, directory: str) -> None:
+    """The load itself (inside guarded_load). dist_checkpointing's StrictHandling.RETURN_ALL reports both
+    kinds of mismatch (checkpoint-only keys need the ranks' metadata, which dist_checkpointing's integrity
+    check gathers anyway) and leaves the model-only keys out of the load."""
+    with _one_line_load_errors(os.path.join(directory, "model")):
+        state, checkpoint_only, model_only = dist_checkpointing.load(
+            model.sharded_state_dict(), os.path.join(directory, "model"), strict=StrictHandling.RETURN_ALL)
+    _refuse_mismatch(directory, checkpoint_only, model_only)
+    result = model.load_state_dict(state, strict=False)
     _refuse_mismatch(directory, result.unexpected_keys, result.missing_keys)
 
 
-def build_from_checkpoint(directory: str, backend: str | None = None, rope_overrides: dict | None = None, **config_kwargs):
-    """Rebuild the model a checkpoint describes (for the current parallel state) and load it.
+def build_from_checkpoint(directory: str, backend: str | None = None, rope_overrides: dict | None = None,
+                          trust: Trust = FOREIGN, **config_kwargs):
+    """Rebuild the model a checkpoint describes (for the current parallel state) and load it (load_model,
+    with ``trust``).
 
+    Building needs megatron's parallel state: without one (a plain process, or after parallel.destroy())
+    this sets up a world of one (parallel.ensure) and leaves it to the model; parallel.destroy() ends it.
     ``rope_overrides`` changes the RoPE config at load time (a new base, dynamic NTK, log-scaling):
     RoPE has no weights, so any checkpoint can be evaluated or trained with any of them.
     """
@@ -406,8 +385,9 @@ def build_from_checkpoint(directory: str, backend: str | None = None, rope_overr
 
     meta = read_meta(directory)
     rope = RopeConfig(**{**meta["rope"], **(rope_overrides or {})})
+    parallel.ensure()
     model = build_model(Preset(**meta["preset"]), rope, backend or meta.get("backend", "local"), **config_kwargs)
-    load_model(model, directory)
+    load_model(model, directory, trust)
     return model
 
 
@@ -415,7 +395,8 @@ def build_from_checkpoint(directory: str, backend: str | None = None, rope_overr
 # A training run's checkpoint.dir:
 #     step_0000100/      one checkpoint: the model directory above (megarope.json, model/, manifest.json), plus
 #         optimizer/       dist_checkpointing of the optimizer's sharded state (any layout reads it)
-#         rank/            rank_00000.pt ...: each rank's RNG states (torch, CUDA, python, numpy)
+#         rank/            rank_00000.json ...: each rank's RNG states (torch, CUDA, python, numpy), JSON
+#                          (rank_00000.pt, a torch.save pickle, before: still read, weights-only)
 #         train_state.json step, consumed samples, scheduler, NaN skips, the config, the layout, the data's fingerprint
 #     latest             the name of the newest complete checkpoint, replaced atomically after it exists
 #     .step_0000200.partial/   a save in progress (or one killed mid-way): never read, removed on start
@@ -424,6 +405,8 @@ def build_from_checkpoint(directory: str, backend: str | None = None, rope_overr
 
 LATEST = "latest"
 TRAIN_STATE = "train_state.json"
+# A resume loads the run's own checkpoints (megarope.trust); what it refuses can still give its weights.
+RESUME = Trust("own", f"start a new checkpoint.dir from its weights (init.from and {CONFIG_OPT_IN})")
 LOCK = ".lock"
 ON_CORRUPT = ("error", "previous")
 _STEP_DIR = re.compile(r"^step_(\d{7,})$")
@@ -675,7 +658,7 @@ def save_training(root: str, step: int, model, optimizer, state: dict, rank_stat
     save_model's; ``optimizer`` offers megatron's ``sharded_state_dict(model_sharded_state_dict,
     is_loading, metadata=...)``, called with ``optimizer_metadata`` (recorded in train_state.json,
     and used again by load_training); ``state`` (JSON-ready, the same on every rank) is written by
-    rank 0; ``rank_state`` (anything torch.save takes) by each rank.
+    rank 0; ``rank_state`` (JSON-ready: read back without unpickling anything) by each rank.
 
     A save that the file system refuses on any rank (no space left, a quota, an I/O error) raises
     UsageError on every rank, one line naming the checkpoint and why; the partial directory is gone
@@ -690,7 +673,7 @@ def save_training(root: str, step: int, model, optimizer, state: dict, rank_stat
             _dist_save(model_sd, os.path.join(tmp, "model"))
             _dist_save(optimizer_sd, os.path.join(tmp, "optimizer"))
             rank = dist.get_rank() if dist.is_initialized() else 0
-            torch.save(rank_state, os.path.join(tmp, "rank", f"rank_{rank:05d}.pt"))
+            write_json_atomic(os.path.join(tmp, "rank", f"rank_{rank:05d}.json"), rank_state)
             if is_main():
                 write_json_atomic(os.path.join(tmp, TRAIN_STATE),
                                   {**state, "step": step, "optimizer_metadata": optimizer_metadata})
@@ -706,26 +689,52 @@ def read_train_state(directory: str) -> dict:
     return _read_json(directory, TRAIN_STATE, "training checkpoint")
 
 
-def load_training(directory: str, model, optimizer) -> tuple[dict, dict | None]:
+def load_training(directory: str, model, optimizer, trust: Trust = RESUME) -> tuple[dict, dict | None]:
     """Restore the model (or this rank's model chunks) and the optimizer of a training checkpoint
-    (collective), the optimizer in the format its train_state.json records.
+    (collective), the optimizer in the format its train_state.json records; ``trust``: see
+    megarope.trust (RESUME: the run's own checkpoint.dir).
 
-    Returns the train state (see save_training) and this rank's rank_state, or None when the
-    checkpoint was written by fewer ranks than this run has. A file that cannot be loaded raises
-    UsageError naming it (verify_checkpoint, run first, catches what its manifest can).
+    Returns the train state (see save_training) and this rank's rank_state (as save_training got it,
+    or from an older checkpoint's rank_R.pt: tensors and tuples), or None when the checkpoint was
+    written by fewer ranks than this run has. A file that cannot be loaded raises UsageError naming it
+    (verify_checkpoint, run first, catches what its manifest can).
     """
     state = read_train_state(directory)
-    for chunk in _chunks(model):
-        load_model(chunk, directory)
-    model_sd = _sharded_model_state(model)
-    optimizer_sd = optimizer.sharded_state_dict(model_sd, is_loading=True,
-                                                metadata=dict(state.get("optimizer_metadata") or {}))
-    with _one_line_load_errors(os.path.join(directory, "optimizer")):
-        optimizer.load_state_dict(dist_checkpointing.load(optimizer_sd, os.path.join(directory, "optimizer")))
+    read_meta(directory)
+    with guarded_load(directory, trust, ("model", "optimizer"), _chunks(model)):
+        for chunk in _chunks(model):
+            _load_weights(chunk, directory)
+        model_sd = _sharded_model_state(model)
+        optimizer_sd = optimizer.sharded_state_dict(model_sd, is_loading=True,
+                                                    metadata=dict(state.get("optimizer_metadata") or {}))
+        with _one_line_load_errors(os.path.join(directory, "optimizer")):
+            optimizer.load_state_dict(dist_checkpointing.load(optimizer_sd, os.path.join(directory, "optimizer")))
     rank = dist.get_rank() if dist.is_initialized() else 0
-    path = os.path.join(directory, "rank", f"rank_{rank:05d}.pt")
-    rank_state = None
-    if os.path.isfile(path):
-        with _one_line_load_errors(path):
-            rank_state = torch.load(path, weights_only=False)
-    return state, rank_state
+    return state, read_rank_state(os.path.join(directory, "rank", f"rank_{rank:05d}"), trust)
+
+
+def read_rank_state(stem: str, trust: Trust) -> dict | None:
+    """A rank's state from ``stem``.json, or from ``stem``.pt (what megarope wrote before): that is
+    torch.save's pickle, read weights-only with the numpy types an RNG state holds allowed, so a file
+    that holds anything else is refused before it is built. None when neither exists."""
+    if os.path.isfile(stem + ".json"):
+        problem, value = _json_object(stem + ".json")
+        if problem:
+            raise UsageError(problem)
+        return value
+    if not os.path.isfile(stem + ".pt"):
+        return None
+    with (guarded_load(os.path.dirname(os.path.dirname(stem)), trust, parts=()), _one_line_load_errors(stem + ".pt"),
+          torch.serialization.safe_globals(_numpy_rng_types())):
+        return torch.load(stem + ".pt", weights_only=True)
+
+
+def _numpy_rng_types() -> list:
+    """What numpy.random.get_state() pickles besides plain data: a uint32 array."""
+    import numpy as np
+
+    try:
+        from numpy._core.multiarray import _reconstruct  # numpy 2
+    except ImportError:
+        from numpy.core.multiarray import _reconstruct
+    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]

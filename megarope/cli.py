@@ -168,6 +168,7 @@ def _add_convert(sub) -> None:
                         "max_position_embeddings)")
     p.add_argument("--tune-len", type=_positive_int, metavar="T",
                    help="the length it was last trained at (default: max_position_embeddings)")
+    _add_trust(p, "with --from-mcore: ")
     p.set_defaults(run=_run_convert)
 
 
@@ -177,8 +178,9 @@ def _run_convert(args) -> None:
     lineage_flags = {"pretrain_base": args.pretrain_base, "pretrain_len": args.pretrain_len, "tune_len": args.tune_len}
     try:
         if args.from_hf:
-            if not args.to or args.to_hf:
-                raise UsageError("--from-hf needs --to MCORE_DIR (and no --to-hf)")
+            if not args.to or args.to_hf or args.trust_checkpoint:
+                raise UsageError("--from-hf needs --to MCORE_DIR (and no --to-hf, no --trust-checkpoint: "
+                                 "HF weights load without pickle's code execution)")
             meta = convert.hf_to_mcore(args.from_hf, args.to, args.tp, args.tokenizer, **lineage_flags)
             print(f"converted {args.from_hf} -> {args.to} (intended TP {args.tp})")
             print(convert.describe_conversion(meta))
@@ -186,13 +188,26 @@ def _run_convert(args) -> None:
             if not args.to_hf or args.to or args.tp != 1 or args.tokenizer or any(lineage_flags.values()):
                 raise UsageError("--from-mcore needs --to-hf HF_DIR (and none of --to, --tp, --tokenizer, "
                                  "--pretrain-*, --tune-len)")
-            cfg = convert.mcore_to_hf(args.from_mcore, args.to_hf)
+            cfg = convert.mcore_to_hf(args.from_mcore, args.to_hf, _trust(args))
             print(f"exported {args.from_mcore} -> {args.to_hf} ({cfg['model_type']}, {cfg['num_hidden_layers']} "
                   f"layers, RoPE base {cfg['rope_theta']:g}, rope_type {cfg['rope_parameters']['rope_type']}, "
                   f"tie_word_embeddings {str(cfg['tie_word_embeddings']).lower()})")
     finally:
         if "megarope.parallel" in sys.modules:  # a conversion got past validation
             sys.modules["megarope.parallel"].destroy()
+
+
+def _add_trust(p, scope: str = "") -> None:
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help=f"{scope}load a megarope checkpoint even where that unpickles data that can run code (FP8 "
+                        f"delayed scaling's state, anything beyond tensors and checkpoint metadata): only for a "
+                        f"checkpoint from a source you trust (see README, Security)")
+
+
+def _trust(args):
+    from megarope.trust import chosen
+
+    return chosen(args.trust_checkpoint)
 
 
 # ---------------------------------------------------------------------------- train
@@ -310,6 +325,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--bucket0", type=_length, default=128, metavar="L0",
                    help="first position bucket 0-L0, then L0-2L0, 2L0-4L0, ... (default 128)")
     p.add_argument("--out", default="runs/eval", metavar="DIR", help="output directory (default runs/eval)")
+    _add_trust(p)
     p.set_defaults(run=_run_eval)
 
 
@@ -357,7 +373,7 @@ def _run_eval(args) -> None:
                        tp=args.tp, cp=args.cp, rope_base=args.rope_base, dynamic_ntk=args.dynamic_ntk,
                        log_scale_ref=args.log_scale, window=args.window, stride=args.stride, max_docs=args.max_docs,
                        bos=not args.no_bos, bucket0=args.bucket0, backend=args.backend, dtype=_dtype(args.dtype),
-                       max_memory=args.max_memory, cp_comm=args.cp_comm, resume=None)
+                       max_memory=args.max_memory, cp_comm=args.cp_comm, resume=None, trust=_trust(args))
 
 
 def _add_passkey(sub) -> None:
@@ -378,6 +394,7 @@ def _add_passkey(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the keys (default 0)")
     _add_rope_and_layout(p)
     p.add_argument("--out", default="runs/passkey", metavar="DIR", help="output directory (default runs/passkey)")
+    _add_trust(p)
     p.set_defaults(run=_run_passkey)
 
 
@@ -391,7 +408,8 @@ def _run_passkey(args) -> None:
         passkey.run(args.checkpoint, args.lengths, args.depths, args.trials, args.out, tokenizer=args.tokenizer,
                     tp=args.tp, cp=args.cp, rope_base=args.rope_base, dynamic_ntk=args.dynamic_ntk,
                     log_scale_ref=args.log_scale, seed=args.seed, bos=not args.no_bos, backend=args.backend,
-                    dtype=_dtype(args.dtype), max_memory=args.max_memory, cp_comm=args.cp_comm, resume=True)
+                    dtype=_dtype(args.dtype), max_memory=args.max_memory, cp_comm=args.cp_comm, resume=True,
+                    trust=_trust(args))
 
 
 # ---------------------------------------------------------------------------- demo

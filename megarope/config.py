@@ -115,7 +115,7 @@ class TrainSection(_Section):
     fp8_recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = "tensorwise"
     """megatron's FP8 recipe names. "tensorwise" (TE's Float8CurrentScaling) scales each tensor from its
     own current amax and stores no state in checkpoints; "delayed" keeps an amax history that TE
-    checkpoints as a pickle (loaded by megarope's own loads only)."""
+    checkpoints as a pickle (loaded when the run resumes, else only with init.trust or --trust-checkpoint)."""
     max_nan_skips: int = Field(10, ge=0)
     """Steps whose loss is not finite are skipped (no update); the next one past this many saves and stops."""
 
@@ -162,6 +162,11 @@ class InitSection(_Section):
     from_: str | None = Field(None, alias="from")
     """A megarope checkpoint directory (converted or from an earlier run) to take weights from when
     checkpoint.dir holds no checkpoint yet; None: random initialization."""
+    trust: bool | Literal["own"] = False
+    """Whether init.from may hold pickled state that runs code when loaded (FP8 delayed scaling's, or a
+    checkpoint megarope's guarded load refuses): true only for a checkpoint from a source you trust.
+    "own": the checkpoint is this workflow's own earlier output (what megarope demo and experiment
+    stages set); it loads as a resume does. See megarope.trust."""
 
     @field_validator("from_", mode="before")
     @classmethod

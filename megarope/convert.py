@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 from megarope import lineage as lineages
 from megarope.errors import UsageError
 from megarope.files import atomic_dir
+from megarope.trust import FOREIGN, Trust
 
 # One row per tensor: the megatron name (TP=1), the HF name(s) fused into it in this order, and each HF
 # tensor's shape in the dimensions h (hidden), q (heads x head dim), kv (KV heads x head dim), f (FFN), v (vocab).
@@ -439,18 +440,21 @@ def inspect_hf(hf_dir: str, tokenizer: str | None = None, pretrain_base: float |
 
 def _tokenizer_for(hf_dir: str, spec: str | None, model_vocab: int):
     """The tokenizer to travel with the checkpoint: ``spec``, else the HF directory's own (an HF tokenizer,
-    else a tokenizer.model), else none; refused when it cannot belong to the model."""
+    else a tokenizer.model), else none; refused when it cannot belong to the model (data.check_tokenizer:
+    a ``spec`` with other contents than the directory's own, too)."""
     from megarope import data
 
-    if spec is None:
-        if any(os.path.isfile(os.path.join(hf_dir, f)) for f in data.HF_TOKENIZER_MARKERS):
-            spec = hf_dir
-        elif os.path.isfile(os.path.join(hf_dir, "tokenizer.model")):
-            spec = os.path.join(hf_dir, "tokenizer.model")
-        else:
-            return None
-    tokenizer = data.load_tokenizer(spec)
-    data.check_tokenizer(tokenizer, model_vocab, model=f"the model of {hf_dir}")
+    if any(os.path.isfile(os.path.join(hf_dir, f)) for f in data.HF_TOKENIZER_MARKERS):
+        own = hf_dir
+    elif os.path.isfile(os.path.join(hf_dir, "tokenizer.model")):
+        own = os.path.join(hf_dir, "tokenizer.model")
+    else:
+        own = None
+    if spec is None and own is None:
+        return None
+    tokenizer = data.load_tokenizer(spec or own)
+    data.check_tokenizer(tokenizer, model_vocab, carried=own if spec is not None else None,
+                         model=f"the model of {hf_dir}")
     return tokenizer
 
 
@@ -509,13 +513,15 @@ class HFCheckpoint:
         return {**hf_meta(self.source), "backend": backend}
 
     def model(self, backend: str = "local", rope_overrides: dict | None = None, **config_kwargs):
-        """A model of this checkpoint with RoPE ``rope_overrides`` (collective over the data- and
-        context-parallel group); ``config_kwargs`` go to model.build_model (dtype, ...)."""
+        """A model of this checkpoint with RoPE ``rope_overrides`` for the current parallel state (without one, a
+        world of one: parallel.ensure), collective over the data- and context-parallel group; ``config_kwargs`` go
+        to model.build_model (dtype, ...)."""
         import torch.distributed as dist
         from megatron.core import parallel_state
 
         from megarope import model as model_mod, parallel
 
+        parallel.ensure()
         model = model_mod.build_model(model_mod.Preset(**self.source.preset), _rope(self.source, rope_overrides),
                                       backend, **config_kwargs)
         group = parallel_state.get_data_parallel_group(with_context_parallel=True)
@@ -531,9 +537,10 @@ class HFCheckpoint:
 
 def load_hf(hf_dir: str, backend: str = "local", rope_overrides: dict | None = None, tokenizer: str | None = None,
             **config_kwargs):
-    """An HF directory as a built, loaded megarope model for the parallel state already set up (any TP/CP),
-    converted in memory: nothing is written. Returns (model, metadata): HFCheckpoint's model and meta; build
-    several models of one directory from one HFCheckpoint instead, which reads the weights once."""
+    """An HF directory as a built, loaded megarope model for the current parallel state (any TP/CP; without
+    one, a world of one, as checkpoint.build_from_checkpoint sets up), converted in memory: nothing is written.
+    Returns (model, metadata): HFCheckpoint's model and meta; build several models of one directory from one
+    HFCheckpoint instead, which reads the weights once."""
     hf = HFCheckpoint(hf_dir, tokenizer)
     return hf.model(backend, rope_overrides, **config_kwargs), hf.meta(backend)
 
@@ -640,9 +647,9 @@ def hf_config_from_meta(meta: dict) -> dict:
     return cfg
 
 
-def mcore_to_hf(ckpt_dir: str, out_dir: str) -> dict:
+def mcore_to_hf(ckpt_dir: str, out_dir: str, trust: Trust = FOREIGN) -> dict:
     """Export a megarope checkpoint as an HF directory of its family (fp32 model.safetensors, its tokenizer's
-    files); returns the config."""
+    files); returns the config. ``trust``: how far loading the checkpoint trusts it (megarope.trust)."""
     _check_destination(out_dir)
     if not os.path.isfile(os.path.join(ckpt_dir, "megarope.json")):
         raise UsageError(f"not a megarope checkpoint (no megarope.json): {ckpt_dir}")
@@ -654,7 +661,7 @@ def mcore_to_hf(ckpt_dir: str, out_dir: str) -> dict:
     from megarope import checkpoint, data, parallel
 
     parallel.init(tp=1)
-    model = checkpoint.build_from_checkpoint(ckpt_dir, backend="local")
+    model = checkpoint.build_from_checkpoint(ckpt_dir, backend="local", trust=trust)
     tensors = mcore_to_hf_state(model.state_dict(), family_for(meta), meta["preset"])
     tokenizer = checkpoint.tokenizer_path(ckpt_dir)
     files = data.load_tokenizer(tokenizer).files if tokenizer and os.path.exists(tokenizer) else []

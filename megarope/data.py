@@ -275,20 +275,31 @@ def copy_tokenizer(tokenizer: Tokenizer | str | os.PathLike, dest_dir: str) -> s
     return None
 
 
-def check_tokenizer(tokenizer: Tokenizer, model_vocab: int, recorded_vocab: int | None = None,
-                    model: str = "the model") -> None:
+def check_tokenizer(tokenizer: Tokenizer, model_vocab: int, made_with: dict | None = None,
+                    carried: Tokenizer | str | os.PathLike | None = None, model: str = "the model") -> None:
     """Refuse, in one line, a tokenizer that cannot belong to ``model`` (a vocabulary of ``model_vocab``):
-    more tokens than it has, byte tokens for a model not built for them, or another vocabulary size than
-    the tokenizer its checkpoint records (``recorded_vocab``)."""
+    more tokens than it has; byte tokens for a model not built on them; or another tokenizer than the one
+    the model was made with. ``made_with`` is a checkpoint's metadata: its "tokenizer_vocab_size" and
+    "tokenizer_digest" (the content digest convert and train record) must match. ``carried`` is the
+    tokenizer the model carries (an HF directory's own, or a checkpoint's from before digests): its size
+    and digest stand in for those not recorded. The one check of train, eval, passkey and convert."""
     n = tokenizer.vocab_size
     if n > model_vocab:
         raise UsageError(f"tokenizer {tokenizer.spec} has {n:,} tokens, but {model} has a vocabulary of "
                          f"{model_vocab:,}: not this model's tokenizer")
     if isinstance(tokenizer, ByteTokenizer) and model_vocab != n:
         raise UsageError(f"byte tokens ({n} ids) cannot belong to {model}, whose vocabulary has {model_vocab:,} tokens")
-    if recorded_vocab is not None and n != recorded_vocab:
+    made_with = made_with or {}
+    vocab, digest = made_with.get("tokenizer_vocab_size"), made_with.get("tokenizer_digest")
+    if digest is None and carried is not None:
+        carried = _as_tokenizer(carried)
+        vocab, digest = vocab or carried.vocab_size, carried.digest
+    if vocab is not None and n != vocab:
         raise UsageError(f"tokenizer {tokenizer.spec} has {n:,} tokens, but {model} was made with a tokenizer of "
-                         f"{recorded_vocab:,}: not this model's tokenizer")
+                         f"{vocab:,}: not this model's tokenizer")
+    if digest is not None and tokenizer.digest != digest:
+        raise UsageError(f"tokenizer {tokenizer.spec} ({n:,} tokens) is not the {f'{vocab:,}-token ' if vocab else ''}"
+                         f"tokenizer {model} was made with (their contents differ): not this model's tokenizer")
 
 
 def _as_tokenizer(tokenizer: Tokenizer | str | os.PathLike) -> Tokenizer:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from megarope import scaling
 from megarope.signals import Stopped
 from megarope.files import write_json_atomic
+from megarope.trust import OWN
 from megarope.units import format_tokens
 
 BASES = (1e6, 10.0, 1e4)
@@ -60,7 +61,7 @@ def _train_config(out: str, name: str, base: float, steps: int, lr: float, data_
                   "min_lr": lr / 10, "warmup_steps": min(100, steps // 10), "weight_decay": 0.1, "clip_grad": 1.0,
                   "seed": 1234},
         "data": {"path": data_prefix, "tokenizer": "bytes"},
-        "init": {"from": init_from},
+        "init": {"from": init_from, "trust": "own"},  # an earlier stage of this demo, under its own --out
         "checkpoint": {"dir": os.path.join(out, name), "every": 0, "keep": 1},
         "log": {"tensorboard": False, "every": 50},
     }
@@ -199,7 +200,8 @@ def _run(out: str, quick: bool, budget: Budget | None, signals: _StopSignals) ->
     lengths = [TRAIN_LEN * 2**k for k in range(int(math.log2(eval_len // TRAIN_LEN)) + 1)]
     try:  # the evaluation handles SIGTERM and SIGINT itself: it stops before its next batch
         records = perplexity.run([tuned[b] for b in BASES], [eval_path], lengths, out_dir=out,
-                                 max_docs=budget.eval_docs, bucket0=TRAIN_LEN, positions=True, verbose=False)
+                                 max_docs=budget.eval_docs, bucket0=TRAIN_LEN, positions=True, trust=OWN,
+                                 verbose=False)
     except Stopped as e:
         raise Interrupted(getattr(signal, e.signal or "SIGTERM"), signals.where) from None
     timings["eval"] = time.perf_counter() - t

@@ -120,6 +120,20 @@ def init(tp: int = 1, cp: int = 1, pp: int = 1, seed: int = 1234, vpp: int | Non
     return Layout(tp, cp, pp, world // (tp * cp * pp), world, dist.get_rank(), vpp)
 
 
+def ensure(tp: int | None = None, cp: int | None = None) -> bool:
+    """The parallel state a library call needs: TP x CP (default 1 x 1) through init -- a world of one in a
+    plain process -- unless one exists, which must then have the sizes asked for. True when this call set it
+    up: the caller ends it with destroy() once done with what it built (a model keeps using it)."""
+    if parallel_state.model_parallel_is_initialized():
+        have = (parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_context_parallel_world_size())
+        want = (tp or have[0], cp or have[1])
+        if have != want:
+            raise UsageError(f"parallel state is TP {have[0]} x CP {have[1]}, asked for TP {want[0]} x CP {want[1]}")
+        return False
+    init(tp=tp or 1, cp=cp or 1)
+    return True
+
+
 def seed_everything(seed: int) -> None:
     """Seed this rank's generators (after megatron's parallel state is set up).
 

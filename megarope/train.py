@@ -47,7 +47,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megarope import checkpoint, compat, config as configuration, data, lineage, parallel
+from megarope import checkpoint, compat, config as configuration, data, lineage, parallel, trust
 from megarope.errors import UsageError
 from megarope.files import atomic_files
 from megarope.memory import model_parameters
@@ -212,25 +212,46 @@ def token_loss_sum(loss_mask: torch.Tensor, losses: torch.Tensor):
 
 
 # ----------------------------------------------------------------------------------------------- RNG
-def _rng_state() -> dict:
+def rng_state() -> dict:
+    """This rank's RNG states, JSON-ready, so that a resume reads them back without unpickling anything:
+    generator states as hex strings, Python's and numpy's Mersenne Twister states as lists (JSON keeps
+    ints and floats exact)."""
     from megatron.core import tensor_parallel
 
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    version, internal, gauss_next = random.getstate()
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = {"torch": _hex(torch.get_rng_state()), "python": [version, list(internal), gauss_next],
+             "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached_gaussian)]}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-        state["tracker"] = tensor_parallel.get_cuda_rng_tracker().get_states()
+        state["cuda"] = _hex(torch.cuda.get_rng_state())
+        state["tracker"] = {k: _hex(v) for k, v in tensor_parallel.get_cuda_rng_tracker().get_states().items()}
     return state
 
 
-def _set_rng_state(state: dict) -> None:
+def _hex(generator_state: torch.Tensor) -> str:
+    return generator_state.cpu().numpy().tobytes().hex()
+
+
+def _generator_state(value) -> torch.Tensor:
+    """A generator state from a rank file: hex (rank_R.json), or the tensor an older rank_R.pt holds."""
+    if isinstance(value, torch.Tensor):
+        return value
+    return torch.frombuffer(bytearray.fromhex(value), dtype=torch.uint8).clone()
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what rng_state returned (or an older checkpoint's rank_R.pt held)."""
     from megatron.core import tensor_parallel
 
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    torch.set_rng_state(_generator_state(state["torch"]))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    name, keys, pos, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached_gaussian))
     if torch.cuda.is_available() and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"])
-        tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+        torch.cuda.set_rng_state(_generator_state(state["cuda"]))
+        tensor_parallel.get_cuda_rng_tracker().set_states(
+            {k: _generator_state(v) for k, v in state["tracker"].items()})
 
 
 # ----------------------------------------------------------------------------------------------- metrics
@@ -513,7 +534,7 @@ class Trainer:
                        "data": self.data_fingerprint, "config": cfg.to_dict()}
         try:
             self.saved_at = checkpoint.save_training(
-                self.root, state.step, self.chunks, self.optimizer, train_state, _rng_state(),
+                self.root, state.step, self.chunks, self.optimizer, train_state, rng_state(),
                 self.checkpoint_meta(state), cfg.checkpoint.keep, self.tokenizer.path,
                 optimizer_metadata=CHECKPOINT_METADATA)
         except UsageError as e:
@@ -528,7 +549,7 @@ class Trainer:
             saved, rank_state = checkpoint.load_training(self.resume_dir, self.chunks, self.optimizer)
             self.scheduler.load_state_dict(saved["scheduler"])
             if rank_state is not None:
-                _set_rng_state(rank_state)
+                set_rng_state(rank_state)
             where = f"resuming from {self.resume_dir} (step {saved['step']})"
             if cfg.init.from_:
                 where += "; init.from is not used when resuming"
@@ -539,7 +560,7 @@ class Trainer:
             if problem:
                 raise UsageError(f"init.from: {problem}")
             for chunk in self.chunks:
-                checkpoint.load_model(chunk, cfg.init.from_)
+                checkpoint.load_model(chunk, cfg.init.from_, trust.chosen(cfg.init.trust, trust.CONFIG_OPT_IN))
             self.optimizer.reload_model_params()  # the optimizer's fp32 masters were copied from random weights
             return TrainState(), f"starting from the weights of {cfg.init.from_}"
         return TrainState(), "starting from random weights"
@@ -689,19 +710,21 @@ def dry_run(cfg: configuration.Config, world: int | None = None) -> tuple[str, s
 
 # ----------------------------------------------------------------------------------------------- resolving
 def _resolve_model_and_tokenizer(cfg: configuration.Config):
-    """(preset, preset name, tokenizer) from the config and init.from's checkpoint."""
+    """(preset, preset name, tokenizer) from the config and init.from's checkpoint; the tokenizer is refused
+    here, before any data is prepared or model built, when it cannot belong to the model (data.check_tokenizer:
+    what eval would refuse of this run's checkpoints), init.from's model included."""
     preset, name = resolve_preset(cfg)
-    spec = cfg.data.tokenizer
-    if spec is None and cfg.init.from_:
-        spec = checkpoint.tokenizer_path(cfg.init.from_)
+    init = cfg.init.from_
+    carried = checkpoint.tokenizer_path(init) if init else None
+    spec = cfg.data.tokenizer or carried
     if spec is None and cfg.data.path == configuration.AUTO_TOY:
         spec = "bytes"
     if spec is None:
         raise UsageError("data.tokenizer is required (\"bytes\" or a sentencepiece .model file)")
     tokenizer = data.load_tokenizer(spec)
-    if tokenizer.vocab_size > preset.vocab_size:
-        raise UsageError(f"tokenizer {tokenizer.spec} has {tokenizer.vocab_size} tokens, more than the "
-                         f"model's vocabulary of {preset.vocab_size}")
+    data.check_tokenizer(tokenizer, preset.vocab_size, checkpoint.read_meta(init) if init else None,
+                         carried if cfg.data.tokenizer else None,
+                         model=f"the model of {init}" if init else f"preset {name}")
     return preset, name, tokenizer
 
 

@@ -1,7 +1,7 @@
 """megarope's core attention: the fused kernels and their log-sum-exp merge against plain softmax
 attention; CP=2 and CP=4 (all-gather and ring) against one process, forward and backward, in the
 attention alone and in the whole model (with log-scaled queries and dynamic NTK); training at CP=2
-against CP=1; the one-line refusals."""
+against CP=1; the arguments the CUDA kernels get, checked on CPU tensors; the one-line refusals."""
 
 import json
 import math
@@ -89,6 +89,101 @@ def test_kernel_parts_merged_by_lse_equal_one_softmax_forward_and_backward():
     # the keys 32..47 are seen only by these queries: their gradient is complete
     torch.testing.assert_close(dk2, leaves[1].grad[:, :, rows])
     torch.testing.assert_close(dv2, leaves[2].grad[:, :, rows])
+
+
+# ----------------------------------------------------------------------------------------------- CUDA's arguments
+# The CUDA backward kernel takes out's batch and head strides but puts row m at m * heads * head_dim
+# (kernel_backward.h: Params::o_strideM()) and reads a row's elements one after another. The CPU kernel reads
+# any layout right, so what kernel_args hands the CUDA kernel is checked here, on CPU tensors.
+def _rows_as_the_kernel_assumes(x: torch.Tensor) -> bool:
+    o = x.transpose(1, 2)  # [b, s, h, d], as the kernel indexes it
+    return o.stride(1) == o.size(2) * o.size(3) and o.stride(3) == 1
+
+
+def _as_the_kernel_reads(x: torch.Tensor) -> torch.Tensor:
+    o = x.transpose(1, 2)
+    return o.as_strided(o.shape, (o.stride(0), o.size(2) * o.size(3), o.stride(2), 1)).transpose(1, 2)
+
+
+def _folded(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """[b, h, s, ...] -> [b, kv_heads, g*s, ...]: the g query heads of each K/V head, one after another."""
+    g = x.shape[1] // kv_heads
+    return torch.stack([torch.cat([x[:, j * g + i] for i in range(g)], dim=1) for j in range(kv_heads)], dim=1)
+
+
+def test_kernel_args_fold_query_groups_into_the_rows_the_kernel_reads():
+    """The case the H200 got wrong (8 query heads over 2 K/V heads, unmasked, [b, h, s, d] tensors): the fold
+    alone gives rows head_dim apart, the kernel reads them 2 * head_dim apart."""
+    g = torch.Generator().manual_seed(3)
+    q, out, grad = (torch.randn(2, 8, 41, 16, generator=g) for _ in range(3))
+    k, v = (torch.randn(2, 2, 41, 16, generator=g) for _ in range(2))
+    lse = torch.randn(2, 8, 41, generator=g)
+    assert not _rows_as_the_kernel_assumes(out.reshape(2, 2, 4 * 41, 16))  # the fold without packing
+    args = A.kernel_args(q, k, v, False, grad, out, lse)
+    assert (args.groups, args.repeats) == (4, 1) and args.k is k and args.v is v
+    for got, given in ((args.q, q), (args.out, out), (args.grad_out, grad)):
+        assert got.shape == (2, 2, 164, 16) and torch.equal(got, _folded(given, 2))
+    for x in (args.out, args.grad_out):
+        assert _rows_as_the_kernel_assumes(x) and torch.equal(_as_the_kernel_reads(x), x)
+    assert args.lse.shape == (2, 2, 192) and args.lse.stride(-1) == 1  # 164 queries padded to 6 x 32
+    assert torch.equal(args.lse[..., :164], _folded(lse.unsqueeze(-1), 2).squeeze(-1))
+    assert torch.equal(args.unfold(args.out), out) and torch.equal(args.unfold(args.lse[..., :164]), lse)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("kv_heads", [H, HK])
+def test_kernel_args_of_the_views_parts_backward_passes(causal, kv_heads):
+    """Micro batch 2: [b, h, s, d] views of rows of megarope's [s, b, h, d] buffers, K and V out of one
+    [s, b, 2*hk, d] buffer, as _Parts.backward passes them; their row stride is b * h * d."""
+    g = torch.Generator().manual_seed(4)
+    q_buf, out_buf, grad_buf = (torch.randn(S, B, H, D, generator=g) for _ in range(3))
+    kv_buf = torch.randn(S, B, 2 * kv_heads, D, generator=g)
+    rows = slice(S // 2, S)  # the second chunk's queries, over its own keys or the first chunk's
+    keys = rows if causal else slice(0, S // 2)
+    q, out, grad = (x[rows].permute(1, 2, 0, 3) for x in (q_buf, out_buf, grad_buf))
+    k, v = (kv_buf[keys, :, part].permute(1, 2, 0, 3) for part in (slice(0, kv_heads), slice(kv_heads, None)))
+    lse = torch.randn(B, H, S, generator=g)[..., rows].contiguous()
+    assert not _rows_as_the_kernel_assumes(out)
+    args = A.kernel_args(q, k, v, causal, grad, out, lse)
+    fold = not causal and kv_heads < H
+    assert (args.groups, args.repeats) == ((H // kv_heads, 1) if fold else (1, H // kv_heads if causal else 1))
+    for got, given in ((args.q, q), (args.out, out), (args.grad_out, grad)):
+        assert torch.equal(got, _folded(given, kv_heads) if fold else given)
+    for x in (args.out, args.grad_out):
+        assert _rows_as_the_kernel_assumes(x) and torch.equal(_as_the_kernel_reads(x), x)
+    for got, given in ((args.k, k), (args.v, v)):
+        assert torch.equal(got, given.repeat_interleave(args.repeats, 1))
+    n = args.q.shape[2]
+    assert args.lse.shape[-1] % 32 == 0 and torch.equal(args.unfold(args.lse[..., :n]), lse)
+
+
+def test_kernel_args_copy_only_what_the_kernel_would_misread():
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 4, 64, 16, generator=g) for _ in range(3))
+    out, grad = (torch.randn(2, 64, 4, 16, generator=g).transpose(1, 2) for _ in range(2))  # the kernel's own rows
+    lse = torch.randn(2, 4, 64, generator=g)  # 64 queries: no padding
+    args = A.kernel_args(q, k, v, True, grad, out, lse)
+    assert args.q is q and args.k is k and args.v is v
+    for got, given in ((args.out, out), (args.grad_out, grad), (args.lse, lse)):
+        assert got.data_ptr() == given.data_ptr() and torch.equal(got, given)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_kernel_args_pose_the_same_attention(causal):
+    """The CPU kernel run on kernel_args' arguments (folded, repeated, packed, padded) and mapped back gives the
+    gradients it gives on the part's own tensors: the preparation changes no value."""
+    q, k, v = (x[S // 2:].permute(1, 2, 0, 3) for x in _inputs())  # float64, H = 4 query heads over HK = 2
+    scale = D ** -0.5
+    out, lse = A.attention_with_lse(q, k, v, causal, scale)
+    grad = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(6))
+    expected = A.attention_with_lse_backward(grad, q, k, v, out, lse, causal, scale)
+    args = A.kernel_args(q, k, v, causal, grad, out, lse)
+    kernel_out, kernel_lse = A.attention_with_lse(args.q, args.k, args.v, causal, scale)
+    torch.testing.assert_close(args.unfold(kernel_out), out)
+    dq, dk, dv = A.attention_with_lse_backward(args.grad_out, args.q, args.k, args.v, args.out,
+                                               args.lse[..., :args.q.shape[2]], causal, scale)
+    for got, want in zip((args.unfold(dq), args.kv_grad(dk), args.kv_grad(dv)), expected):
+        torch.testing.assert_close(got, want)
 
 
 def test_refusals():

@@ -1,5 +1,5 @@
 """Model checkpoints: loads across backends (only `_extra_state` may differ), any other mismatch is
-one line, Transformer Engine's pickled FP8 state is allowed only while megarope loads its own; the
+one line (what a load may unpickle: test_trust.py); the
 manifest every save writes and what verify_checkpoint finds with it; a save the file system refuses;
 the lock that keeps a second run out of a checkpoint.dir."""
 
@@ -13,8 +13,9 @@ import sys
 
 import pytest
 import torch
+from distributed import run_distributed
 
-from megarope import checkpoint, parallel, spec
+from megarope import checkpoint, parallel, spec, trust
 from megarope.errors import UsageError
 from megarope.model import build_model, get_preset
 from megarope.rope import RopeConfig
@@ -30,7 +31,7 @@ class NormWithExtraState(spec.RMSNorm):
         return torch.tensor([1, 2, 3], dtype=torch.uint8)
 
     def set_extra_state(self, state):
-        NormWithExtraState.loaded.append((state, os.environ.get(checkpoint.UNSAFE_PICKLE_ENV)))
+        NormWithExtraState.loaded.append((state, os.environ.get(trust.TE_UNSAFE_PICKLE)))
 
 
 def _model(seed: int, extra_state: bool = False, extra_param: bool = False):
@@ -72,13 +73,13 @@ def test_a_checkpoint_with_extra_state_loads_into_a_model_without_it(world, tmp_
     target = _model(2)
     checkpoint.load_model(target, str(tmp_path / "te-like"))
     assert _same_weights(source, target)
-    # and back into a model that has it: the state arrives, with TE's unpickling allowed during the load only
+    # and back into a model that has it: the state arrives (a checkpoint that declares no FP8 delayed
+    # scaling gets no leave to unpickle it)
     again = _model(3, extra_state=True)
     checkpoint.load_model(again, str(tmp_path / "te-like"))
     assert _same_weights(source, again)
     [(state, allowed)] = NormWithExtraState.loaded
-    assert torch.equal(state, torch.tensor([1, 2, 3], dtype=torch.uint8)) and allowed == "1"
-    assert checkpoint.UNSAFE_PICKLE_ENV not in os.environ
+    assert torch.equal(state, torch.tensor([1, 2, 3], dtype=torch.uint8)) and allowed is None
 
 
 @pytest.mark.parametrize("saved_has_it", [True, False], ids=["only-in-checkpoint", "only-in-model"])
@@ -89,19 +90,25 @@ def test_any_other_key_that_one_side_lacks_is_one_line(world, tmp_path, saved_ha
     message = str(error.value)
     assert "\n" not in message and "decoder.final_layernorm.bias" in message
     assert ("not in the model" if saved_has_it else "not in the checkpoint") in message
-    assert checkpoint.UNSAFE_PICKLE_ENV not in os.environ
+    assert trust.FORCE_WEIGHTS_ONLY not in os.environ  # a failed load leaves the environment as it was
 
 
-@pytest.mark.parametrize("before", [None, "0"])
-def test_unsafe_pickle_is_allowed_only_inside_and_restored_after(monkeypatch, before):
-    if before is None:
-        monkeypatch.delenv(checkpoint.UNSAFE_PICKLE_ENV, raising=False)
-    else:
-        monkeypatch.setenv(checkpoint.UNSAFE_PICKLE_ENV, before)
-    with pytest.raises(RuntimeError), checkpoint.trusted_extra_state():
-        assert os.environ[checkpoint.UNSAFE_PICKLE_ENV] == "1"
-        raise RuntimeError("a failed load restores it too")
-    assert os.environ.get(checkpoint.UNSAFE_PICKLE_ENV) == before
+def _built_without_parallel_state(directory: str) -> dict:
+    from megatron.core import parallel_state
+
+    assert not parallel_state.model_parallel_is_initialized()
+    model = checkpoint.build_from_checkpoint(directory)
+    return {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
+def test_a_checkpoint_builds_in_a_process_without_parallel_state(world, tmp_path):
+    """A fresh process, no parallel.init() first: as evaluation code calls it after training ended its process
+    group (the GPU's FP8 reload test did, and megatron said its pipeline group was not initialized)."""
+    source = _model(1)
+    checkpoint.save_model(source, str(tmp_path / "ck"))
+    (built,) = run_distributed(_built_without_parallel_state, 1, str(tmp_path / "ck"))
+    expected = {k: v for k, v in source.state_dict().items() if isinstance(v, torch.Tensor)}
+    assert built.keys() == expected.keys() and all(torch.equal(built[k], v) for k, v in expected.items())
 
 
 # ----------------------------------------------------------------------------------------------- manifests

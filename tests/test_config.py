@@ -35,7 +35,11 @@ def test_defaults_and_the_required_dotted_keys_exist():
                                 "checkpoint.keep", "checkpoint.on_corrupt", "log.tensorboard", "log.every"]:
         section, leaf = key.split(".")
         assert leaf in flat[section], key
-    assert cfg.init.from_ is None and flat["init"] == {"from": None}
+    assert cfg.init.from_ is None and flat["init"] == {"from": None, "trust": False}
+    # init.trust: the user's opt-in (true), or "own" for a workflow's own earlier stage (megarope.trust)
+    assert [load_config(None, ["data.path=p", f"init.trust={v}"]).init.trust for v in ("true", "own")] == [True, "own"]
+    with pytest.raises(UsageError, match="init.trust"):
+        load_config(None, ["data.path=p", "init.trust=maybe"])
     assert (cfg.parallel.tp, cfg.parallel.cp, cfg.train.dtype, cfg.model.backend) == (1, 1, "auto", "local")
     assert (cfg.parallel.pp, cfg.parallel.vpp, cfg.parallel.gpu_memory_gb) == (1, None, 80.0)
     assert cfg.checkpoint.on_corrupt == "error"  # a damaged checkpoint stops the run unless the user says otherwise

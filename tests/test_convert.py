@@ -421,6 +421,17 @@ def test_refusals_before_anything_is_built(models, tmp_path):
         inspect_hf(str(hf), tokenizer=str(big))
     with pytest.raises(UsageError, match="byte tokens .* vocabulary has 300 tokens"):
         inspect_hf(str(hf), tokenizer="bytes")
+    # another 300-token tokenizer than the directory's own: what eval of the directory refuses, convert refuses
+    from megarope.eval import runs
+    from megarope.eval.variants import parse_variant
+
+    other = tokenizer_dir(tmp_path / "other_tok", "qwen2")
+    differs = r"is not the 300-token tokenizer the model of .* \(their contents differ\)"
+    with pytest.raises(UsageError, match=differs) as no:
+        inspect_hf(str(hf), tokenizer=str(other))
+    with pytest.raises(UsageError) as evaluated:
+        runs.plan_runs([str(hf)], [parse_variant("as-trained")], tokenizer=str(other))
+    assert str(evaluated.value) == str(no.value)
     with pytest.raises(UsageError, match="tune length 64 .* shorter than the pretraining length 128"):
         inspect_hf(str(hf), tune_len=64)
 

@@ -152,15 +152,23 @@ def test_digest_names_the_tokenization(tmp_path):
 
 def test_check_tokenizer(tmp_path):
     tok = data.load_tokenizer(tokenizer_dir(tmp_path / "tok", "qwen2"))
+    other = data.load_tokenizer(tokenizer_dir(tmp_path / "other", "llama3"))  # 300 tokens too, other contents
     data.check_tokenizer(tok, 320)  # a model may pad its vocabulary beyond the tokenizer's (Qwen2 does)
-    data.check_tokenizer(tok, 300, recorded_vocab=300)
+    data.check_tokenizer(tok, 300, {"tokenizer_vocab_size": 300, "tokenizer_digest": tok.digest})
+    data.check_tokenizer(tok, 300, carried=tok.path)
     with pytest.raises(UsageError, match="300 tokens, but the model has a vocabulary of 256"):
         data.check_tokenizer(tok, 256)
     with pytest.raises(UsageError, match="made with a tokenizer of 32,000"):
-        data.check_tokenizer(tok, 32000, recorded_vocab=32000)
+        data.check_tokenizer(tok, 32000, {"tokenizer_vocab_size": 32000})
     with pytest.raises(UsageError, match="byte tokens .* 49,152 tokens"):
         data.check_tokenizer(data.load_tokenizer("bytes"), 49152)
     data.check_tokenizer(data.load_tokenizer("bytes"), 257)
+    # another tokenizer than the one the model was made with: the recorded digest, else the carried one's
+    for made_with, carried in (({"tokenizer_digest": other.digest}, None), (None, other.path),
+                               ({"tokenizer_digest": other.digest}, tok.path)):
+        with pytest.raises(UsageError, match=r"\(300 tokens\) is not the (300-token )?tokenizer the model was made "
+                                             r"with \(their contents differ\): not this model's tokenizer"):
+            data.check_tokenizer(tok, 300, made_with, carried)
 
 
 # ----------------------------------------------------------------------------------------------- raw text

@@ -225,7 +225,7 @@ DAMAGE = {  # id: (what is done to which file of run/, the words of the one line
     "model-metadata-changed": (_flip_a_byte, "step_0000006/model/.metadata is corrupt: its contents changed", 4),
     "optimizer-shard-changed": (_flip_a_byte, "step_0000006/optimizer/__0_0.distcp is corrupt: its contents changed", 4),
     "optimizer-metadata-truncated": (_truncate, "step_0000006/optimizer/.metadata is corrupt", 4),
-    "rank-file-truncated": (_truncate, "step_0000006/rank/rank_00000.pt is corrupt", 4),
+    "rank-file-truncated": (_truncate, "step_0000006/rank/rank_00000.json is corrupt", 4),
     "megarope-json-garbled": (_garble, "step_0000006/megarope.json is corrupt", 4),
     "train-state-truncated": (_truncate, "step_0000006/train_state.json is corrupt", 4),
     "manifest-garbled": (_garble, "step_0000006/manifest.json is corrupt: not readable as JSON", 4),
@@ -239,7 +239,7 @@ DAMAGED_FILE = {"model-shard-truncated": "step_0000006/model/__0_0.distcp",
                 "model-metadata-changed": "step_0000006/model/.metadata",
                 "optimizer-shard-changed": "step_0000006/optimizer/__0_0.distcp",
                 "optimizer-metadata-truncated": "step_0000006/optimizer/.metadata",
-                "rank-file-truncated": "step_0000006/rank/rank_00000.pt",
+                "rank-file-truncated": "step_0000006/rank/rank_00000.json",
                 "megarope-json-garbled": "step_0000006/megarope.json",
                 "train-state-truncated": "step_0000006/train_state.json",
                 "manifest-garbled": "step_0000006/manifest.json", "manifest-deleted": "step_0000006/manifest.json",
@@ -381,20 +381,20 @@ def _out_of_space_on_rank_1(corpus: str, run: str) -> str:
     """On each of 2 ranks: train, with rank 1's write of its step-4 RNG file failing as a full disk does."""
     from megarope import parallel
 
-    real_save = checkpoint.torch.save
+    real_save = checkpoint.write_json_atomic
 
-    def save(obj, path, *args, **kwargs):
-        if ".step_0000004.partial" in str(path) and str(path).endswith("rank_00001.pt"):
+    def save(path, obj):
+        if ".step_0000004.partial" in str(path) and str(path).endswith("rank_00001.json"):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-        return real_save(obj, path, *args, **kwargs)
+        return real_save(path, obj)
 
-    checkpoint.torch.save = save
+    checkpoint.write_json_atomic = save
     try:
         train.run(small_cfg(corpus, run), progress=False)
     except UsageError as e:
         return str(e)
     finally:
-        checkpoint.torch.save = real_save
+        checkpoint.write_json_atomic = real_save
         parallel.destroy()
     return "no error"
 
@@ -404,7 +404,7 @@ def _out_of_space_on_rank_1(corpus: str, run: str) -> str:
 def test_a_save_that_fails_on_one_rank_stops_every_rank_and_keeps_the_previous_checkpoint(corpus, tmp_path):
     """Simulated, and why: a tmpfs fills for every rank at once, so to show that a write failing on
     ONE rank (a node's own disk, its quota) stops all of them at the same save, with nobody left
-    waiting in a collective, rank 1's torch.save raises OSError(ENOSPC) as the file system would."""
+    waiting in a collective, rank 1's write of its RNG file raises OSError(ENOSPC) as the file system would."""
     run = tmp_path / "run"
     rank0, rank1 = run_distributed(_out_of_space_on_rank_1, 2, corpus, str(run), timeout=300)
     kept = f"the run stopped after step 4 and a rerun resumes from {run / 'step_0000002'}"

@@ -40,6 +40,47 @@ def test_the_dry_run_passes_every_check_and_writes_its_reports(tmp_path):
     assert "## Several ranks on one GPU" in markdown
 
 
+ORDER = """
+import json, sys, types
+import torch
+
+events = []
+
+
+class Seen:  # records every import of Transformer Engine that is tried (it is absent here)
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "transformer_engine":
+            events.append(name)
+
+
+sys.meta_path.insert(0, Seen())
+version = torch.backends.cudnn.version
+torch.backends.cudnn.version = lambda: events.append(("cudnn", "megatron.core" in sys.modules)) or version()
+sys.path.insert(0, "benchmarks")
+import gpu_validation
+
+result = {}
+gpu_validation.child_environment(types.SimpleNamespace(dry=True), result, lambda: None)
+print(json.dumps({"events": events, "result": result}))
+"""
+
+
+def test_the_environment_check_imports_transformer_engine_before_it_asks_for_cudnn():
+    """As the CLI does (torch, then megatron-core, which imports Transformer Engine): cuDNN initialised first made
+    TE load a system cuDNN's sub-libraries on the H200, where the CLI worked."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)}
+    proc = subprocess.run([sys.executable, "-c", ORDER], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    events = seen["events"]
+    cudnn = [k for k, e in enumerate(events) if isinstance(e, list)]
+    assert len(cudnn) == 1 and events[cudnn[0]] == ["cudnn", True]  # asked once, with megatron-core imported
+    assert "transformer_engine" in events[:cudnn[0]]  # and Transformer Engine's import tried before
+    assert seen["result"]["ok"] and "cudnn" in seen["result"]["environment"]
+
+
+
 # ----------------------------------------------------------------------------------------------- multi_rank's logic
 def _multi_rank():
     sys.path.insert(0, os.path.join(REPO, "benchmarks"))

@@ -37,6 +37,13 @@ def test_single_process_layout_and_cp_slice_is_identity():
     assert parallel.device() == torch.device("cpu")
 
 
+def test_ensure_sets_up_a_world_of_one_once_and_checks_an_existing_layout():
+    assert parallel.ensure() is True  # no parallel state: a world of one, for the caller to destroy
+    assert parallel.ensure() is False and parallel.ensure(1, 1) is False
+    with pytest.raises(UsageError, match="parallel state is TP 1 x CP 1, asked for TP 2 x CP 1"):
+        parallel.ensure(tp=2)
+
+
 def test_cp_positions_follow_megatrons_load_balanced_order():
     assert parallel.cp_local_positions(8, 2, 0).tolist() == [0, 1, 6, 7]
     assert parallel.cp_local_positions(8, 2, 1).tolist() == [2, 3, 4, 5]

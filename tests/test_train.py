@@ -128,7 +128,7 @@ def test_run_summary_checkpoints_and_metrics(reference):
     # a training checkpoint is a model checkpoint too: rebuild the model from it alone
     meta = checkpoint.read_meta(s["checkpoint"])
     assert meta["rope"]["base"] == 10000 and meta["rope"]["train_len"] == 64 and meta["tokenizer"] == "bytes"
-    assert sorted(os.listdir(os.path.join(ckpt, "step_0000006", "rank"))) == ["rank_00000.pt"]
+    assert sorted(os.listdir(os.path.join(ckpt, "step_0000006", "rank"))) == ["rank_00000.json"]
 
 
 def test_resume_reproduces_the_uninterrupted_run_exactly(corpus, reference, tmp_path):
@@ -151,6 +151,44 @@ def test_resume_truncates_metrics_written_after_the_checkpoint(corpus, reference
     train.run(make_cfg(corpus, ckpt, "train.exit_at_step=2"), progress=False)
     with open(ckpt / train.METRICS, "a") as f:  # steps 3-4 ran, then the job died before a checkpoint
         f.write(json.dumps({"step": 3, "loss": 9.0, "lr": 0}) + "\n" + '{"step": 4, "lo')
+    train.run(make_cfg(corpus, ckpt), progress=False)
+    assert losses(ckpt) == reference["losses"]
+
+
+def test_rng_state_goes_through_json_and_back_exactly():
+    import random
+
+    import numpy as np
+
+    random.gauss(0, 1), np.random.standard_normal()  # cached Gaussians: state beyond the Mersenne Twister's
+    saved = json.loads(json.dumps(train.rng_state()))
+    draws = (torch.rand(3).tolist(), random.random(), random.gauss(0, 1), np.random.standard_normal(2).tolist())
+    torch.manual_seed(0), random.seed(0), np.random.seed(0)
+    train.set_rng_state(saved)
+    assert (torch.rand(3).tolist(), random.random(), random.gauss(0, 1), np.random.standard_normal(2).tolist()) == draws
+
+
+def test_a_checkpoint_from_before_json_rank_files_resumes_exactly(corpus, reference, tmp_path):
+    """Older checkpoints keep each rank's RNG state in rank/rank_R.pt (torch.save of tensors, tuples and a
+    numpy array): a resume reads it weights-only and still reproduces the uninterrupted run."""
+    import numpy as np
+
+    from megarope.files import sha256_file
+
+    ckpt = tmp_path / "run"
+    train.run(make_cfg(corpus, ckpt, "train.exit_at_step=3"), progress=False)
+    step = ckpt / "step_0000003"
+    saved = json.loads((step / "rank" / "rank_00000.json").read_text())
+    (step / "rank" / "rank_00000.json").unlink()
+    torch.save({"torch": torch.tensor(list(bytes.fromhex(saved["torch"])), dtype=torch.uint8),
+                "python": (saved["python"][0], tuple(saved["python"][1]), saved["python"][2]),
+                "numpy": (saved["numpy"][0], np.array(saved["numpy"][1], dtype=np.uint32), *saved["numpy"][2:])},
+               step / "rank" / "rank_00000.pt")
+    manifest = json.loads((step / checkpoint.MANIFEST).read_text())
+    del manifest["files"]["rank/rank_00000.json"]
+    manifest["files"]["rank/rank_00000.pt"] = {"bytes": (step / "rank" / "rank_00000.pt").stat().st_size,
+                                               "sha256": sha256_file(str(step / "rank" / "rank_00000.pt"))}
+    (step / checkpoint.MANIFEST).write_text(json.dumps(manifest))
     train.run(make_cfg(corpus, ckpt), progress=False)
     assert losses(ckpt) == reference["losses"]
 
@@ -212,7 +250,7 @@ def test_nan_loss_skips_then_saves_and_stops_with_exit_2(corpus, tmp_path, capsy
     (["parallel.cp=2"], "world size 1 is not divisible by TP*CP*PP = 1*2*1"),
     (["data.path=/nonexistent/prefix"], "no indexed dataset"),
     (["data.blend=[[1, /no/a], [2, /no/b]]", "data.path=null"], "no indexed dataset (.bin + .idx) at /no/a, /no/b"),
-    (["data.tokenizer=SPM"], "more than the model's vocabulary of 257"),
+    (["data.tokenizer=SPM"], "tokens, but preset toy has a vocabulary of 257: not this model's tokenizer"),
     (["data.tokenizer=/no/tokenizer.model"], "tokenizer not found"),
     (["init.from=/no/checkpoint"], "not a megarope checkpoint"),
     (["model.preset=null"], "model.preset is required"),
@@ -237,6 +275,61 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(corpus, tmp_path, capsy
 
 def corpus_jsonl(prefix):
     return os.path.join(os.path.dirname(prefix), "docs.jsonl")
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_model(corpus, tmp_path_factory):
+    """(a toy-shaped checkpoint with a 512-token sentencepiece vocabulary, saved as training saves one: its
+    tokenizer inside, the content digest recorded; another 512-token sentencepiece tokenizer)."""
+    from megarope.model import build_model
+    from megarope.rope import RopeConfig
+
+    root = tmp_path_factory.mktemp("spm")
+    with open(corpus_jsonl(corpus)) as f, open(root / "reversed.jsonl", "w") as out:
+        for line in f:
+            out.write(json.dumps({"text": json.loads(line)["text"][::-1]}) + "\n")
+    own = data.load_tokenizer(data.train_sentencepiece([corpus_jsonl(corpus)], 512, str(root / "own")))
+    other = data.train_sentencepiece([str(root / "reversed.jsonl")], 512, str(root / "other"))
+    parallel.init()
+    try:
+        model = build_model(get_preset("toy", vocab_size=512), RopeConfig())
+        checkpoint.save_model(model, str(root / "ckpt"), checkpoint.model_meta(model, tokenizer_digest=own.digest),
+                              tokenizer_file=own.path)
+    finally:
+        parallel.destroy()
+    return str(root / "ckpt"), other
+
+
+def test_what_train_refuses_eval_and_passkey_would_refuse(corpus, sentencepiece_model, tmp_path, capsys):
+    """A model and a tokenizer that cannot go together: train refuses the pair (one line, exit 2, nothing written,
+    before any data is read or model built), and eval and passkey refuse a checkpoint of it for the same reason."""
+    from eval_helpers import save_toy_checkpoint
+
+    from megarope.eval import passkey, perplexity
+
+    made, other = sentencepiece_model
+    llama_bytes = save_toy_checkpoint(tmp_path / "llama-bytes")  # what train saved on the H200 ...
+    meta = checkpoint.read_meta(llama_bytes)
+    checkpoint.write_json_atomic(os.path.join(llama_bytes, checkpoint.META),
+                                 {**meta, "preset": get_preset("llama-1b").to_dict()})  # ... for llama-1b
+    cases = [  # train's overrides; the checkpoint and --tokenizer eval gets; the reason both give
+        (["model.preset=llama-1b"], llama_bytes, None, "byte tokens (257 ids) cannot belong to {}, whose vocabulary "
+                                                       "has 32,000 tokens"),
+        (["model.preset=null", f"init.from={made}", f"data.tokenizer={other}"], made, other,
+         f"tokenizer {other} (512 tokens) is not the tokenizer {{}} was made with (their contents differ): not this "
+         f"model's tokenizer"),
+    ]
+    for overrides, ckpt, tokenizer, reason in cases:
+        path = write_yaml(make_cfg(corpus, tmp_path / "run"), tmp_path / "c.yaml")
+        assert main(["train", path, *overrides]) == 2
+        trained_as = "preset llama-1b" if "model.preset=llama-1b" in overrides else f"the model of {made}"
+        assert capsys.readouterr().err == f"megarope: error: {reason.format(trained_as)}\n"
+        assert not (tmp_path / "run").exists()
+        for evaluate in (lambda: perplexity.run([ckpt], [corpus_jsonl(corpus)], [64], tokenizer=tokenizer),
+                         lambda: passkey.run(ckpt, [256], tokenizer=tokenizer)):
+            with pytest.raises(UsageError) as refused:
+                evaluate()
+            assert str(refused.value) == reason.format(f"the model of {ckpt}")
 
 
 @pytest.mark.parametrize("change, words", [("train.seq_len=128", "trained with train.seq_len=64"),

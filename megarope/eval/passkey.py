@@ -40,6 +40,7 @@ from megarope.eval import memory, runs, scoring
 from megarope.eval.variants import variants_from_flags
 from megarope.files import write_json_atomic
 from megarope.signals import Stopped
+from megarope.trust import FOREIGN, Trust
 
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
          "I will quiz you about the important info there.")
@@ -127,13 +128,13 @@ def run(checkpoint: str, lengths: Sequence[int], depths: Sequence[float] = (0.0,
         rope_base: float | None = None, dynamic_ntk: bool = False, log_scale_ref: int | None = None,
         seed: int = 0, bos: bool = True, backend: str | None = None, dtype: torch.dtype | None = None,
         batch_tokens: int = scoring.BATCH_TOKENS, max_memory: float | None = None, cp_comm: str = "auto",
-        resume: bool = False, verbose: bool = True) -> dict:
+        resume: bool = False, trust: Trust = FOREIGN, verbose: bool = True) -> dict:
     """Passkey accuracy of one checkpoint (in one RoPE variant) at each length x depth.
 
     Returns {"run", "checkpoint", "variant", "lengths", "depths", "trials", "accuracy" [depth][length],
     "digit_accuracy" [depth][length], "records": [...]}; with ``out_dir``, rank 0 writes passkey.json there as
-    each length completes (the lengths done so far), then passkey.png (the heatmap). ``max_memory`` and
-    ``cp_comm`` as in eval.perplexity.run.
+    each length completes (the lengths done so far), then passkey.png (the heatmap). ``max_memory``,
+    ``cp_comm`` and ``trust`` as in eval.perplexity.run.
 
     It stops and resumes as `megarope eval` does (runs.StopAndResume): SIGTERM, SIGINT and SIGUSR1 (in the main
     thread) stop every rank before its next batch of prompts, and signals.Stopped is raised on every rank; a
@@ -148,7 +149,7 @@ def run(checkpoint: str, lengths: Sequence[int], depths: Sequence[float] = (0.0,
     if trials < 1:
         raise UsageError(f"trials must be positive, got {trials}")
     variant = variants_from_flags(None, rope_base, dynamic_ntk, log_scale_ref)[0]
-    (r,) = runs.plan_runs([os.fspath(checkpoint)], [variant], tokenizer)
+    (r,) = runs.plan_runs([os.fspath(checkpoint)], [variant], tokenizer, trust)
     dtype = dtype or runs.default_dtype()
     if max_memory is not None:
         cp_comm = memory.check_max_memory({r.label: r.preset}, lengths, max_memory, torch.finfo(dtype).bits // 8,
@@ -170,6 +171,7 @@ def run(checkpoint: str, lengths: Sequence[int], depths: Sequence[float] = (0.0,
                        backend=backend, dtype=dtype, batch_tokens=batch_tokens, cp_comm=cp_comm, verbose=verbose)
     result = summary(records)
     if out_dir and job.main:
+        os.makedirs(out_dir, exist_ok=True)
         write_json_atomic(os.path.join(out_dir, "passkey.json"), result)
         plots.passkey_heatmap(lengths, depths, result["accuracy"], os.path.join(out_dir, "passkey.png"),
                               title=f"Passkey retrieval: {r.name}")
@@ -211,7 +213,7 @@ def _run(r: runs.Run, builder: PromptBuilder, keys: dict, lengths, depths, trial
     if verbose and job.main and kept:
         print(f"resuming: {len(lengths) - len(todo)} of {len(lengths)} lengths are in {out_dir}/passkey.json",
               flush=True)
-    own_init = runs.ensure_parallel(tp, cp)
+    own_init = parallel.ensure(tp, cp)
     try:
         if todo:
             job.check()

@@ -38,6 +38,7 @@ from megarope.eval.variants import Variant, variants_from_flags
 from megarope.files import atomic_files, write_json_atomic
 from megarope.loss import DEFAULT_CHUNK
 from megarope.rope import dynamic_ntk_base
+from megarope.trust import FOREIGN, Trust
 from megarope.units import format_tokens
 
 CSV_FIELDS = ["run", "checkpoint", "variant", "base", "effective_base", "length", "loss", "ppl", "accuracy", "n_docs",
@@ -334,7 +335,7 @@ def run(checkpoints: Sequence[str] | str, docs_or_paths: Sequence, lengths: Sequ
         backend: str | None = None, dtype: torch.dtype | None = None, chunk: int = DEFAULT_CHUNK,
         mlp_chunk: int | None = scoring.MLP_CHUNK, batch_tokens: int = scoring.BATCH_TOKENS, positions: bool = False,
         max_memory: float | None = None, cp_comm: str = "auto", resume: bool | None = False,
-        verbose: bool = True) -> list[dict]:
+        trust: Trust = FOREIGN, verbose: bool = True) -> list[dict]:
     """Evaluate every (checkpoint, variant) at every length; returns the records (on every rank).
 
     Works in a plain process (it initializes TP x CP itself, world of one, and tears it down after) and
@@ -356,12 +357,16 @@ def run(checkpoints: Sequence[str] | str, docs_or_paths: Sequence, lengths: Sequ
     SIGTERM, SIGINT and SIGUSR1 (in the main thread) stop every rank before its next batch, all ranks
     agreeing; a (run, length) whose pass is interrupted records nothing. The results so far are on disk,
     unfinished.json says which signal stopped it, and signals.Stopped is raised (on every rank).
+
+    ``trust`` (megarope.trust): FOREIGN loads nothing that can run code and refuses, in one line, a
+    checkpoint that needs it; a command evaluating its own outputs (the demo) passes OWN; USER is the
+    user's --trust-checkpoint.
     """
     checkpoints = [checkpoints] if isinstance(checkpoints, (str, os.PathLike)) else list(checkpoints)
     checkpoints = [os.fspath(c) for c in checkpoints]
     lengths = _check_options(lengths, tp, cp, window, stride, max_docs, bucket0)
     planned = runs.plan_runs(checkpoints, variants_from_flags(variants, rope_base, dynamic_ntk, log_scale_ref),
-                             tokenizer)
+                             tokenizer, trust)
     dtype = dtype or runs.default_dtype()
     if max_memory is not None:
         cp_comm = memory.check_max_memory({r.label: r.preset for r in planned}, lengths, max_memory,
@@ -378,7 +383,7 @@ def run(checkpoints: Sequence[str] | str, docs_or_paths: Sequence, lengths: Sequ
 
 def _run(planned, tokenized, lengths, out_dir, resume, job, *, tp, cp, window, stride, max_docs, bucket0, backend,
          dtype, score_kwargs, positions, cp_comm, verbose) -> list[dict]:
-    own_init = runs.ensure_parallel(tp, cp)
+    own_init = parallel.ensure(tp, cp)
     main = job.main
     order = {(r.name, L): k for k, (r, L) in enumerate((r, L) for r in planned for L in lengths)}
 

@@ -1,5 +1,5 @@
-"""Run orchestration: which (checkpoint, variant) pairs to evaluate, their tokenizers, the parallel
-state, and the checkpoint loop that holds one model at a time.
+"""Run orchestration: which (checkpoint, variant) pairs to evaluate, their tokenizers, the data-parallel
+split, and the checkpoint loop that holds one model at a time.
 
 A *run* is one (checkpoint, variant) pair, named "<checkpoint label>:<variant>". RoPE has no weights,
 so every variant loads the same checkpoint with other RoPE settings. A checkpoint is a megarope
@@ -30,11 +30,11 @@ from megatron.core import parallel_state
 
 from megarope import attention, checkpoint, compat, convert, data, parallel
 from megarope.errors import UsageError
-from megarope.eval.scoring import model_parallel_sizes
 from megarope.eval.variants import Variant
 from megarope.files import write_json_atomic
 from megarope.model import Preset
 from megarope.signals import StopSignals, Stopped
+from megarope.trust import FOREIGN, Trust
 
 # In out_dir while an evaluation is under way (or was stopped, or died): what it evaluates, and whether a
 # stop signal ended it. A rerun resumes only such an evaluation of the same settings.
@@ -49,6 +49,7 @@ class Run:
     variant: Variant
     meta: dict
     tokenizer: object
+    trust: Trust = FOREIGN  # how far loading its checkpoint trusts it (megarope.trust)
 
     @property
     def label(self) -> str:
@@ -106,13 +107,10 @@ def read_checkpoint(path: str) -> tuple[dict, object]:
 
 
 def resolve_tokenizer(checkpoint_dir: str, meta: dict, tokenizer=None, own=None):
-    """The tokenizer to evaluate ``checkpoint_dir`` with, checked against the model.
+    """The tokenizer to evaluate ``checkpoint_dir`` with, checked against the model (data.check_tokenizer).
 
     ``tokenizer``: "bytes", a .model path, an HF tokenizer directory, or None for ``own``, the one the
-    checkpoint carries (a Tokenizer or its spec; None: it carries none). Refused in one line: a tokenizer
-    with more tokens than the model's vocabulary, byte tokens for a model not made for them, and one that
-    is not the tokenizer the checkpoint was made with -- its content digest differs from the recorded
-    "tokenizer_digest" (or, for checkpoints written before digests, from the digest of the one it carries).
+    checkpoint carries (a Tokenizer or its spec; None: it carries none).
     """
     if tokenizer is None:
         if own is None:
@@ -121,20 +119,15 @@ def resolve_tokenizer(checkpoint_dir: str, meta: dict, tokenizer=None, own=None)
         tok = own if isinstance(own, data.Tokenizer) else data.load_tokenizer(own)
     else:
         tok = data.load_tokenizer(tokenizer)
-    data.check_tokenizer(tok, meta["preset"]["vocab_size"], meta.get("tokenizer_vocab_size"),
+    data.check_tokenizer(tok, meta["preset"]["vocab_size"], meta, own if tokenizer is not None else None,
                          model=f"the model of {checkpoint_dir}")
-    recorded = meta.get("tokenizer_digest")
-    if recorded is None and tokenizer is not None and own is not None:
-        recorded = (own if isinstance(own, data.Tokenizer) else data.load_tokenizer(own)).digest
-    if recorded is not None and tok.digest != recorded:
-        made_with = f"{meta['tokenizer_vocab_size']:,}-token " if meta.get("tokenizer_vocab_size") else ""
-        raise UsageError(f"tokenizer {tok.spec} ({tok.vocab_size:,} tokens) is not the {made_with}tokenizer "
-                         f"{checkpoint_dir} was made with (their contents differ): not this model's tokenizer")
     return tok
 
 
-def plan_runs(checkpoints: Sequence[str], variants: Sequence[Variant], tokenizer=None) -> list[Run]:
-    """Every (checkpoint, variant) pair, checkpoint-major, with its metadata and checked tokenizer.
+def plan_runs(checkpoints: Sequence[str], variants: Sequence[Variant], tokenizer=None,
+              trust: Trust = FOREIGN) -> list[Run]:
+    """Every (checkpoint, variant) pair, checkpoint-major, with its metadata and checked tokenizer, to be
+    loaded with ``trust`` (megarope.trust).
 
     Reads only the checkpoints' metadata and tokenizers (an HF directory's tensor names and shapes): no weights.
     """
@@ -149,24 +142,13 @@ def plan_runs(checkpoints: Sequence[str], variants: Sequence[Variant], tokenizer
         meta, own = read_checkpoint(ckpt)
         tok = resolve_tokenizer(ckpt, meta, tokenizer, own)
         for variant in variants:
-            run = Run(f"{label}:{variant.name}", ckpt, variant, meta, tok)
+            run = Run(f"{label}:{variant.name}", ckpt, variant, meta, tok, trust)
             _ = run.rope  # validate the overrides now, before any model is built
             runs.append(run)
     return runs
 
 
 # ----------------------------------------------------------------------------------------------- parallel state
-def ensure_parallel(tp: int, cp: int) -> bool:
-    """Initialize TP x CP (True) unless the caller already has (then the sizes must agree)."""
-    if parallel_state.model_parallel_is_initialized():
-        have = model_parallel_sizes()
-        if have != (tp, cp):
-            raise UsageError(f"parallel state is TP {have[0]} x CP {have[1]}, asked for TP {tp} x CP {cp}")
-        return False
-    parallel.init(tp=tp, cp=cp)
-    return True
-
-
 def data_parallel() -> tuple[int, int, object]:
     """(rank, size, group) of the data-parallel group: documents are shared out over it."""
     return (parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size(),
@@ -202,7 +184,7 @@ def load_run_model(run: Run, backend: str | None = None, dtype: torch.dtype | No
             model = (hf or convert.HFCheckpoint(run.checkpoint)).model(backend, overrides, dtype=dtype)
         else:
             model = checkpoint.build_from_checkpoint(run.checkpoint, backend=backend, rope_overrides=overrides,
-                                                     dtype=dtype)
+                                                     trust=run.trust, dtype=dtype)
     attention.set_cp_comm(model, cp_comm)
     return model
 

@@ -1,15 +1,17 @@
 """FP8 on one GPU: the FP8 forward follows every optimizer step, FP8 training tracks bf16, FP8 checkpoints
-reload (the default tensorwise recipe stores no pickle; delayed scaling's pickle loads only through megarope)."""
+reload (the default tensorwise recipe stores no pickle; delayed scaling's pickle loads when the run resumes,
+and from anyone else's copy only with the opt-in)."""
 
 import contextlib
 import os
+import shutil
 
 import pytest
 import torch
 from megatron.core import dist_checkpointing
 
 from gpu_setup import HOPPER, TE, needs_te, step_losses, train_config
-from megarope import checkpoint, parallel, train
+from megarope import checkpoint, parallel, train, trust
 from megarope.errors import UsageError
 from megarope import loss as L
 from megarope.model import Preset, build_model, get_preset
@@ -86,7 +88,7 @@ def runs(tmp_path_factory, toy_data_dir):
     done = {}
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("NVTE_ALLOW_NONDETERMINISTIC_ALGO", "0")
-        patch.delenv(checkpoint.UNSAFE_PICKLE_ENV, raising=False)
+        patch.delenv(trust.TE_UNSAFE_PICKLE, raising=False)
         for name, extra in (("bf16", {}), ("fp8", {"fp8": "hybrid"}), ("fp8-split", {"fp8": "hybrid", "exit_at_step": 2}),
                             ("fp8-split", {"fp8": "hybrid"})):
             done[name] = train.run(train_config(str(root / name), toy_data_dir, **extra))
@@ -106,7 +108,7 @@ def test_fp8_training_tracks_bf16_and_resumes_exactly(runs, record_property):
     for step in (3, 4):  # the resumed run casts its loaded weights afresh: a stale FP8 cache shows up here
         assert abs(split[step] - fp8[step]) <= 1e-3 * fp8[step], \
             f"step {step}: resumed {split[step]} != uninterrupted {fp8[step]} (FP8 weights not recast each step?)"
-    assert os.environ.get(checkpoint.UNSAFE_PICKLE_ENV) is None
+    assert os.environ.get(trust.TE_UNSAFE_PICKLE) is None
 
 
 def test_an_fp8_checkpoint_reloads_for_evaluation(runs):
@@ -115,11 +117,11 @@ def test_an_fp8_checkpoint_reloads_for_evaluation(runs):
     with torch.no_grad():
         losses, correct = L.token_losses(model, tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())
     assert torch.isfinite(losses).all() and correct.shape == losses.shape
-    assert os.environ.get(checkpoint.UNSAFE_PICKLE_ENV) is None
+    assert os.environ.get(trust.TE_UNSAFE_PICKLE) is None
 
 
 def test_a_delayed_scaling_checkpoint_resumes(tmp_path, toy_data_dir, monkeypatch, record_property):
-    monkeypatch.delenv(checkpoint.UNSAFE_PICKLE_ENV, raising=False)
+    monkeypatch.delenv(trust.TE_UNSAFE_PICKLE, raising=False)
     root = str(tmp_path / "delayed")
     first = train.run(train_config(root, toy_data_dir, fp8="hybrid", fp8_recipe="delayed", steps=2, exit_at_step=1))
     parallel.destroy()
@@ -134,11 +136,24 @@ def test_a_delayed_scaling_checkpoint_resumes(tmp_path, toy_data_dir, monkeypatc
     except RuntimeError as e:
         refused = str(e).splitlines()[0]
     record_property("te_refuses_without_the_variable", refused)
+    # ... megarope refuses a copy of it that someone shares, before reading it, unless the user opts in ...
+    shared = str(tmp_path / "shared")
+    shutil.copytree(first["checkpoint"], shared)
+    fp8 = {"backend": "te", "dtype": torch.bfloat16, "fp8": "hybrid", "fp8_recipe": "delayed"}
+    with pytest.raises(UsageError) as foreign:
+        checkpoint.build_from_checkpoint(shared, **fp8)
+    record_property("a_foreign_copy_is_refused", str(foreign.value))
+    assert "\n" not in str(foreign.value) and "FP8 delayed-scaling state" in str(foreign.value)
+    assert str(foreign.value).endswith(f"--trust-checkpoint (or {trust.TE_UNSAFE_PICKLE}=1)")
+    opted_in = checkpoint.build_from_checkpoint(shared, trust=trust.chosen(True), **fp8)
+    scaling = [m.fp8_meta["scaling_fwd"] for m in opted_in.modules() if "scaling_fwd" in getattr(m, "fp8_meta", {})]
+    # its state arrived: a fresh layer's scales are 1 and its amax history 0
+    assert scaling and any(s.scale.ne(1).any() or s.amax_history.ne(0).any() for s in scaling)
     parallel.destroy()
-    # ... and megarope's loads allow it for their own checkpoints only
+    # ... and the run's own resume loads it
     rest = train.run(train_config(root, toy_data_dir, fp8="hybrid", fp8_recipe="delayed", steps=2))
     assert rest["step"] == 2 and rest["loss"] is not None
-    assert os.environ.get(checkpoint.UNSAFE_PICKLE_ENV) is None
+    assert os.environ.get(trust.TE_UNSAFE_PICKLE) is None and os.environ.get(trust.FORCE_WEIGHTS_ONLY) is None
 
 
 @pytest.mark.parametrize("overrides", [

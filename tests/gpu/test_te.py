@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gpu_setup import BACKEND, CUDA, needs_cuda
-from megarope import checkpoint, parallel
+from megarope import checkpoint, parallel, trust
 from megarope import loss as L
 from megarope.model import build_model, get_preset
 from megarope.rope import RopeConfig
@@ -52,7 +52,7 @@ def test_a_checkpoint_of_one_backend_gives_the_same_logits_in_the_other(tmp_path
     got = _logits(loaded, tokens)
     record_property("max_abs_diff", float((got - expected).abs().max()))
     record_property("max_abs_logit", float(expected.abs().max()))
-    assert os.environ.get(checkpoint.UNSAFE_PICKLE_ENV) is None
+    assert os.environ.get(trust.TE_UNSAFE_PICKLE) is None
     torch.testing.assert_close(got, expected, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
 
 
