@@ -20,13 +20,16 @@ or an out-of-memory in one never hides the others:
   throughput       training tokens/s of megarope's te spec against megatron-core's stock
                    get_gpt_layer_with_transformer_engine_spec on the same config, bf16 and FP8,
                    both stepped through megatron's forward_backward_func
+  multi_rank       two ranks on the one GPU (benchmarks/multi_rank.py): TP=2 (te, sequence parallel),
+                   CP=2 (te and local), DP=2 (distributed optimizer), PP=2, each stopped, resumed and
+                   compared with one process; a layout NCCL or TE refuses is skipped with its message
 OUT/results.json, OUT/results.md and OUT/log.txt (every check's output) are rewritten after each check,
 so a crash still leaves what ran; data and checkpoints go to --work. Exit status 0 when no check failed.
 
 --dry needs no GPU: the tests/gpu files run with MEGAROPE_GPU_DRY=1 (the tests that need no Transformer
 Engine run on the CPU with the local backend), long_eval scores the toy preset at 1K and 2K tokens and
-throughput compares the local specs. tests/test_gpu_validation.py runs it, so the script cannot rot
-where no GPU runs it.
+throughput compares the local specs, multi_rank runs its layouts on CPU ranks (gloo).
+tests/test_gpu_validation.py runs it, so the script cannot rot where no GPU runs it.
 
 The megarope interfaces this relies on: train.run(config dict) -> {"step", "loss", "checkpoint", "stopped"}
 and checkpoint.dir/metrics.jsonl; config keys model.*, train.{steps, exit_at_step, seq_len, global_batch,
@@ -56,8 +59,8 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GPU_TESTS = os.path.join(REPO, "tests", "gpu")
 TEST_ORDER = ["test_te.py", "test_train_gpu.py", "test_fp8.py"]  # the most basic first; others after
-LIMITS = {"environment": 90, "tests": 200, "long_eval": 180, "throughput": 150}  # seconds, each at most
-DRY_LIMITS = {"environment": 120, "tests": 600, "long_eval": 180, "throughput": 180}  # a busy 2-core CPU
+LIMITS = {"environment": 90, "tests": 200, "long_eval": 180, "throughput": 150, "multi_rank": 150}  # seconds, at most
+DRY_LIMITS = {"environment": 120, "tests": 600, "long_eval": 180, "throughput": 180, "multi_rank": 300}  # a busy CPU
 MIN_START = 20  # a check is not started with less time left than this
 LOG_CHARS = 400_000  # of each check's output kept in log.txt (the end)
 K = 1024
@@ -320,7 +323,15 @@ def child_throughput(args, result: dict, save) -> None:
         for r in rows)
 
 
-CHILDREN = {"environment": child_environment, "long_eval": child_long_eval, "throughput": child_throughput}
+def child_multi_rank(args, result: dict, save) -> None:
+    import multi_rank  # benchmarks/: several ranks on one GPU
+
+    limit = (DRY_LIMITS if args.dry else LIMITS)["multi_rank"]
+    multi_rank.check(os.path.join(args.work, "multi_rank"), args.dry, result, save, timeout=limit - 30)
+
+
+CHILDREN = {"environment": child_environment, "long_eval": child_long_eval, "throughput": child_throughput,
+            "multi_rank": child_multi_rank}
 
 
 def run_child(args) -> int:
@@ -392,7 +403,7 @@ def check_child(name: str, args, work: str, limit: float) -> tuple[dict, str]:
     elif status != 0 or not result:
         check.update(status="error", summary=_last_error(output))
     else:
-        check["status"] = "pass" if result.get("ok") else "fail"
+        check["status"] = result.get("status") or ("pass" if result.get("ok") else "fail")
     backends = _attention_backends(output)
     if backends:
         check["te_attention"] = backends
@@ -443,7 +454,7 @@ def plan(args) -> list[tuple[str, str]]:
     # --dry needs no isolation: one pytest process saves the start-up of the others
     tests = [GPU_TESTS] if args.dry and not args.only else [os.path.join(GPU_TESTS, f) for f in files]
     checks = [("child", "environment")] + [("tests", path) for path in tests] + \
-        [("child", "long_eval"), ("child", "throughput")]
+        [("child", "long_eval"), ("child", "throughput"), ("child", "multi_rank")]
     if args.only:
         checks = [(kind, name) for kind, name in checks
                   if any(o == name or o == os.path.basename(name) or o == os.path.relpath(name, REPO) for o in args.only)]
@@ -499,6 +510,10 @@ def write_reports(out: str, report: dict) -> None:
                 lines.append(f"| {r['precision']} | {a.get('tokens_per_s', a.get('error'))} | "
                              f"{b.get('tokens_per_s', b.get('error'))} | {r.get('ratio', '')} | "
                              f"{a.get('model_tflops')}, {b.get('model_tflops')} | {a.get('peak_gib')}, {b.get('peak_gib')} |")
+        if c["name"] == "multi_rank" and c.get("rows"):
+            import multi_rank
+
+            lines += multi_rank.markdown(c)
     with open(os.path.join(out, "results.md.tmp"), "w") as f:
         f.write("\n".join(lines) + "\n")
     os.replace(os.path.join(out, "results.md.tmp"), os.path.join(out, "results.md"))

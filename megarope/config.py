@@ -320,3 +320,14 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         if not isinstance(raw, dict):
             raise UsageError(f"{source}: the top level must be a mapping of sections")
     return validate(apply_overrides(raw, list(overrides or [])), source, schema)
+
+
+def launch_environment(tp: int, cp: int) -> dict[str, str]:
+    """What a launcher puts into the ranks' environment for a TP x CP layout (before CUDA starts in them;
+    a variable the user set wins). CUDA_DEVICE_MAX_CONNECTIONS=1 with TP > 1 or CP > 1: megatron-core's
+    tensor-parallel layers rely on it to launch their collectives before the GEMMs they overlap with
+    (tensor_parallel/layers.py warns without it under sequence parallelism), its own training refuses TP or CP
+    without it on GPUs before Blackwell (megatron/training/arguments.py), and Transformer Engine asks for it
+    with TP > 1 (module/base.py). The configurations that want more connections (Megatron-FSDP, MoE
+    overlap) are not megarope's, and TP = CP = 1 keeps CUDA's default."""
+    return {"CUDA_DEVICE_MAX_CONNECTIONS": "1"} if tp * cp > 1 else {}

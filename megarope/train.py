@@ -51,7 +51,7 @@ from megarope import checkpoint, compat, config as configuration, data, lineage,
 from megarope.errors import UsageError
 from megarope.files import atomic_files
 from megarope.memory import model_parameters
-from megarope.optim import (CHECKPOINT_METADATA, make_optimizer, make_scheduler, optimizer_kind,
+from megarope.optim import (CHECKPOINT_METADATA, make_ddp_config, make_optimizer, make_scheduler, optimizer_kind,
                             reshards_across_model_parallel)
 from megarope.signals import StopSignals
 
@@ -71,8 +71,9 @@ class Accelerator:
 
 
 def this_accelerator() -> Accelerator | None:
-    """This machine's GPU, or None on a CPU."""
-    if not torch.cuda.is_available():
+    """The GPU this process trains on, or None on a CPU (also where MEGAROPE_DEVICE=cpu keeps a GPU machine's
+    run on the CPU: asked before parallel.init applies that choice)."""
+    if not compat.uses_cuda():
         return None
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
     return Accelerator(props.name, (props.major, props.minor), props.total_memory / 1e9)
@@ -425,8 +426,7 @@ class Trainer:
 
     # -- building
     def build(self) -> None:
-        from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
-                                               finalize_model_grads)
+        from megatron.core.distributed import DistributedDataParallel, finalize_model_grads
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         from megarope.model import build_model_chunks
@@ -444,9 +444,9 @@ class Trainer:
             raise UsageError(f"cannot build the model: {e}") from None
         config = self.chunks[0].config  # one TransformerConfig, shared by the chunks
         config.calculate_per_token_loss = True  # see the module docstring; DDP reads it when built
-        gpu = torch.cuda.is_available()
-        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=gpu,
-                                                   use_distributed_optimizer=gpu)
+        resumed = checkpoint.read_train_state(self.resume_dir) if self.resume_dir else None
+        ddp_config = make_ddp_config(torch.cuda.is_available(), resumed)  # a resume keeps the checkpoint's buckets
+        self.bucket_size = ddp_config.bucket_size
         self.ddps = []
         for i, chunk in enumerate(self.chunks):
             # as megatron's training does: one bucket for all but the first chunk (their sync is not overlapped)
@@ -527,7 +527,8 @@ class Trainer:
         cfg, layout = self.cfg, self.layout
         train_state = {"consumed_samples": state.consumed_samples, "tokens": state.consumed_samples * cfg.train.seq_len,
                        "nan_skips": state.nan_skips, "loss": state.loss, "scheduler": self.scheduler.state_dict(),
-                       "optimizer": self.optimizer_kind, "precision": self._precision(),
+                       "optimizer": self.optimizer_kind, "ddp_bucket_size": self.bucket_size,
+                       "precision": self._precision(),
                        "layout": {"tp": layout.tp, "cp": layout.cp, "pp": layout.pp, "vpp": layout.vpp,
                                   "dp": layout.dp, "world": layout.world},
                        "data": self.data_fingerprint, "config": cfg.to_dict()}
@@ -804,8 +805,9 @@ def check_data(resume_dir: str, fingerprint: list[dict] | None) -> None:
 def check_resume(cfg: configuration.Config, resume_dir: str, precision: dict, layout: parallel.Layout) -> None:
     """A run continues only what it started: same optimizer kind, batch, length, RoPE, backend and
     numerics; the layout may change where the optimizer's checkpoint format reshards (DP and CP always,
-    TP and PP with the CPU optimizer; see optim.CHECKPOINT_METADATA). To start something new from a
-    checkpoint's weights, use init.from."""
+    the resume keeping the checkpoint's gradient buckets, optim.ddp_bucket_size; TP and PP with the CPU
+    optimizer; see optim.CHECKPOINT_METADATA). To start something new from a checkpoint's weights, use
+    init.from."""
     from megarope.rope import RopeConfig
 
     saved = checkpoint.read_train_state(resume_dir)

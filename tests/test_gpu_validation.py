@@ -22,7 +22,7 @@ def test_the_dry_run_passes_every_check_and_writes_its_reports(tmp_path):
     assert sorted(os.listdir(out)) == ["log.txt", "results.json", "results.md"]
     report = json.loads((out / "results.json").read_text())
     checks = {c["name"]: c for c in report["checks"]}
-    assert list(checks) == ["environment", "tests/gpu", "long_eval", "throughput"]
+    assert list(checks) == ["environment", "tests/gpu", "long_eval", "throughput", "multi_rank"]
     assert all(c["status"] == "pass" for c in checks.values()), {n: c["summary"] for n, c in checks.items()}
     tests = {t["test"].split("::")[1].split("[")[0]: t["outcome"] for t in checks["tests/gpu"]["tests"]}
     assert tests["test_a_checkpoint_of_one_backend_gives_the_same_logits_in_the_other"] == "passed"
@@ -30,8 +30,14 @@ def test_the_dry_run_passes_every_check_and_writes_its_reports(tmp_path):
     assert tests["test_the_fp8_forward_follows_each_optimizer_step_through_megatrons_schedule"] == "skipped"
     assert [r["length"] for r in checks["long_eval"]["rows"]] == [1024, 2048]
     assert checks["throughput"]["rows"][0]["ratio"] > 0
+    rows = {row["layout"]: row for row in checks["multi_rank"]["rows"]}
+    assert {name: row["status"] for name, row in rows.items()} == {
+        "tp2-te-sp": "pass", "cp2-te": "skipped", "cp2-local": "pass", "dp2": "pass", "pp2": "pass"}
+    assert all(row["resumed_from_step"] == 1 for row in rows.values() if row["status"] == "pass")
+    assert checks["multi_rank"]["bf16_fp32_gap"]["local"] > 0  # measured in the same run, on the CPU
     markdown = (out / "results.md").read_text()
     assert "| check | status | seconds | summary |" in markdown and "## Long-sequence evaluation" in markdown
+    assert "## Several ranks on one GPU" in markdown
 
 
 ORDER = """
@@ -72,3 +78,65 @@ def test_the_environment_check_imports_transformer_engine_before_it_asks_for_cud
     assert len(cudnn) == 1 and events[cudnn[0]] == ["cudnn", True]  # asked once, with megatron-core imported
     assert "transformer_engine" in events[:cudnn[0]]  # and Transformer Engine's import tried before
     assert seen["result"]["ok"] and "cudnn" in seen["result"]["environment"]
+
+
+
+# ----------------------------------------------------------------------------------------------- multi_rank's logic
+def _multi_rank():
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    try:
+        import multi_rank
+    finally:
+        sys.path.pop(0)
+    return multi_rank
+
+
+NCCL_REFUSAL = """Traceback (most recent call last):
+  File "/site/torch/distributed/distributed_c10d.py", line 4811, in barrier
+    work = group.barrier(opts=opts)
+torch.distributed.DistBackendError: NCCL error in: /pytorch/torch/csrc/distributed/c10d/NCCLUtils.cpp:94, invalid usage
+ncclInvalidUsage: This usually reflects invalid usage of NCCL library.
+Last error:
+Duplicate GPU detected : rank 1 and rank 0 both on CUDA device 1a000"""
+TE_REFUSAL = """Traceback (most recent call last):
+  File "/repo/megarope/train.py", line 470, in train_step
+    reports = self.forward_backward(forward_step_func=self._forward_step, data_iterator=data_iterators,
+  File "/site/transformer_engine/pytorch/attention/dot_product_attention/dot_product_attention.py", line 1402, in forward
+    raise ValueError("No dot product attention backend is available for the provided inputs.")
+ValueError: No dot product attention backend is available for the provided inputs."""
+OUR_ERROR = """Traceback (most recent call last):
+  File "/repo/megarope/train.py", line 470, in train_step
+    raise RuntimeError("a bug of ours")
+RuntimeError: a bug of ours"""
+
+
+def test_a_layout_that_nccl_or_te_refuses_is_skipped_with_their_message_and_any_other_error_fails():
+    mr = _multi_rank()
+    assert mr.refused_by(NCCL_REFUSAL) == "NCCL" and mr.refused_by(TE_REFUSAL) == "Transformer Engine"
+    assert mr.refused_by(OUR_ERROR) is None
+    assert mr.error_message(NCCL_REFUSAL).endswith(
+        "Last error: / Duplicate GPU detected : rank 1 and rank 0 both on CUDA device 1a000")
+    outcome = {"backend": "te", "dtype": "bf16"}
+    for error, status, reason in ((NCCL_REFUSAL, "skipped", "NCCL refused: torch.distributed.DistBackendError: "),
+                                  (TE_REFUSAL, "skipped", "Transformer Engine refused: ValueError: No dot product"),
+                                  (OUR_ERROR, "error", "RuntimeError: a bug of ours")):
+        row = mr.compare("cp2-te", {**outcome, "error": error}, {}, {}, 4)
+        assert row["status"] == status and row["reason"].startswith(reason), row
+
+
+def test_a_bf16_layout_may_differ_from_one_process_by_twice_the_measured_bf16_fp32_gap():
+    mr = _multi_rank()
+    assert mr.tolerance("fp32", 0.01) == mr.LAYOUT_TOL == 1e-5  # the CPU tests' tolerance
+    assert mr.tolerance("bf16", 0.01) == pytest.approx(1e-5 + 0.02) and mr.tolerance("bf16", None) is None
+    reference = {"te-bf16": {"losses": [5.0, 4.0, 3.0, 2.0]}}
+    ran = {"backend": "te", "dtype": "bf16", "optimizer": "megatron-distributed", "resumed_from_step": 2}
+    close = mr.compare("dp2", {**ran, "losses": [5.0, 4.01, 3.0, 2.0]}, reference, {"te": 0.005}, 4)
+    assert close["status"] == "pass" and close["max_abs_diff"] == pytest.approx(0.01)
+    assert mr.compare("dp2", {**ran, "losses": [5.0, 4.02, 3.0, 2.0]}, reference, {"te": 0.005}, 4)["status"] == "fail"
+    not_resumed = mr.compare("dp2", {**ran, "resumed_from_step": None, "losses": [5.0, 4.0, 3.0, 2.0]}, reference,
+                             {"te": 0.005}, 4)
+    assert not_resumed["status"] == "fail" and "stopped and resumed: False" in not_resumed["reason"]
+    assert mr.compare("dp2", None, reference, {}, 4)["status"] == "error"  # the ranks never got to it
+    environment = mr.rank_environment(1)
+    assert environment["NCCL_HOSTID"] != mr.rank_environment(0)["NCCL_HOSTID"]
+    assert (environment["NCCL_SOCKET_IFNAME"], environment["GLOO_SOCKET_IFNAME"]) == ("lo", "lo")

@@ -428,6 +428,7 @@ def test_train_state_records_the_optimizer_format_numerics_and_layout(reference)
     assert CHECKPOINT_METADATA["distrib_optim_sharding_type"] == "dp_reshardable"
     assert state["precision"] == {"backend": "local", "dtype": "fp32", "fp8": None, "fp8_recipe": None}
     assert state["layout"] == {"tp": 1, "cp": 1, "pp": 1, "vpp": None, "dp": 1, "world": 1}
+    assert state["ddp_bucket_size"] is None  # one bucket on a CPU; GPUs record optim.DDP_BUCKET_SIZE
     assert state["config"]["train"]["dtype"] == "auto"  # as written; the resolved dtype is the one above
     trained = checkpoint.read_meta(step)["trained"]
     assert (trained["dtype"], trained["backend"], trained["fp8"]) == ("fp32", "local", None)
@@ -472,6 +473,24 @@ def test_gpu_checks_before_anything_starts(corpus, tmp_path):
     with pytest.raises(UsageError, match="36 tokens per rank .* not divisible by 8"):
         train.check_fp8_shapes(toy, cfg("train.fp8=e4m3", "train.seq_len=72", "parallel.tp=2", "train.micro_batch=1",
                                         "train.global_batch=4"))
+
+
+def test_megarope_device_cpu_on_a_gpu_machine_is_checked_as_a_cpu_run(corpus, tmp_path, monkeypatch):
+    """MEGAROPE_DEVICE=cpu is read before the checks: "auto" is fp32 and te is refused, as on a CPU (it was read
+    only in parallel.init, after the checks had taken the GPU for the one the run trains on)."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda _: SimpleNamespace(name="NVIDIA H100 80GB HBM3", major=9, minor=0, total_memory=85e9))
+    monkeypatch.delenv("MEGAROPE_DEVICE")
+    assert train.this_accelerator() == H100
+    monkeypatch.setenv("MEGAROPE_DEVICE", "cpu")
+    assert train.this_accelerator() is None
+    with pytest.raises(UsageError, match="model.backend te and train.fp8 need a GPU"):
+        train.run(make_cfg(corpus, tmp_path / "run", "model.backend=te"), progress=False)
+    assert not (tmp_path / "run").exists()
 
 
 # ----------------------------------------------------------------------------------------------- dry run
@@ -524,13 +543,13 @@ def test_sigterm_saves_at_the_end_of_the_step_and_a_restart_continues(corpus, tm
 KILL_DURING_SAVE = textwrap.dedent("""
     import sys, time
     from megarope import checkpoint, config, train
-    real = checkpoint.dist_checkpointing.save
-    def save_then_hang(state, directory, *args, **kwargs):
-        real(state, directory, *args, **kwargs)
+    real = checkpoint._dist_save  # each save of a sharded state (dist_checkpointing's)
+    def save_then_hang(state, directory):
+        real(state, directory)
         if ".step_0000004.partial" in directory and directory.endswith("optimizer"):
             open(sys.argv[2], "w").close()  # step 4's model and optimizer are on disk, the rest is not
             time.sleep(600)
-    checkpoint.dist_checkpointing.save = save_then_hang
+    checkpoint._dist_save = save_then_hang
     train.run(config.load_config(sys.argv[1]), progress=False)
 """)
 
@@ -629,6 +648,30 @@ def test_torchrun_cp2_trains_stops_on_sigterm_and_resumes(corpus, reference, tmp
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert [m["step"] for m in metrics(ckpt)] == list(range(1, stopped + 2))
+
+
+def test_torchrun_sh_checks_the_config_and_sets_what_megatron_wants_with_tp_or_cp(corpus, tmp_path):
+    """launch/torchrun.sh reads the config before it starts torchrun: a bad one is one line and exit 2, and
+    TP or CP > 1 gets CUDA_DEVICE_MAX_CONNECTIONS=1 (config.launch_environment) unless it was set already."""
+    fake = tmp_path / "python"  # the interpreter the script runs: the real one for its check, a stub for torchrun
+    fake.write_text(f'#!/bin/sh\nif [ "$1" = "-" ]; then exec {sys.executable} "$@"; fi\n'
+                    'echo "CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-unset} $*"\n')
+    fake.chmod(0o755)
+    path = write_yaml(make_cfg(corpus, tmp_path / "run"), tmp_path / "c.yaml")
+    base = {k: v for k, v in cli_env().items() if k != "CUDA_DEVICE_MAX_CONNECTIONS"}
+
+    def launch(*args, **env):
+        return subprocess.run([os.path.join(REPO, "launch", "torchrun.sh"), "2", path, *args], capture_output=True,
+                              text=True, env={**base, "PYTHON": str(fake), **env}, timeout=120)
+
+    for overrides, expected in ((["parallel.cp=2", "--no-progress"], "1"), (["parallel.tp=2"], "1"), ([], "unset")):
+        started = launch(*overrides)
+        assert started.returncode == 0, started.stderr
+        assert started.stdout.startswith(f"CUDA_DEVICE_MAX_CONNECTIONS={expected} -m torch.distributed.run"), overrides
+    assert launch("parallel.cp=2", CUDA_DEVICE_MAX_CONNECTIONS="8").stdout.startswith("CUDA_DEVICE_MAX_CONNECTIONS=8")
+    bad = launch("parallel.tp=0")
+    assert (bad.returncode, bad.stdout) == (2, "") and len(bad.stderr.strip().splitlines()) == 1
+    assert bad.stderr.startswith("megarope: error: ") and "parallel.tp" in bad.stderr
 
 
 @pytest.mark.slow
