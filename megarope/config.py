@@ -78,7 +78,8 @@ class ParallelSection(_Section):
     sequence_parallel: bool = True
     """Split norms/dropout activations over the TP ranks too (only has an effect with tp > 1)."""
     gpu_memory_gb: float = Field(80.0, gt=0)
-    """Memory of one GPU in GB (10^9 bytes) that `megarope train --dry-run` checks the layout against."""
+    """Memory of one GPU in GB (10^9 bytes) that `megarope train --dry-run` checks the layout against, and
+    train.loss: auto decides against."""
 
     @model_validator(mode="after")
     def _virtual_stages_need_stages(self):
@@ -113,6 +114,11 @@ class TrainSection(_Section):
     GPUs (Transformer Engine's fused attention needs it), fp32 on a CPU; checkpoints record the one used."""
     recompute: bool = False
     """Recompute each layer's activations in the backward pass (less memory, ~1/3 more compute)."""
+    loss: Literal["auto", "full", "chunked"] = "auto"
+    """How the loss meets the logits. "full": the output layer once over each micro batch and a fused cross
+    entropy (fastest); "chunked": 4,096 tokens' logits at a time, recomputed in the backward pass (memory
+    linear in length, one more output GEMM). "auto": full where the memory estimate with full logits fits
+    parallel.gpu_memory_gb (`megarope train --dry-run` shows it), else chunked; the banner says which."""
     fp8: Literal["e4m3", "hybrid"] | None = None
     """FP8 matmuls through Transformer Engine (model.backend: te, Hopper or newer GPUs)."""
     fp8_recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = "tensorwise"

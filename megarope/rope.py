@@ -165,6 +165,7 @@ class RotaryEmbedding(_McoreRotary):
                                                 original_max_position_embeddings=rope.llama3_original_len)
         self.rope = rope
         self.rotary_dim = self.inv_freq.numel() * 2
+        self._table_key = self._table = None
 
     def inv_freq_for(self, seq_len: int) -> torch.Tensor:
         if not self.rope.dynamic_ntk:
@@ -174,13 +175,22 @@ class RotaryEmbedding(_McoreRotary):
         return 1.0 / (base ** (exponents / self.rotary_dim))
 
     def forward(self, max_seq_len: int, offset: int = 0, packed_seq: bool = False, cp_group=None) -> torch.Tensor:
+        """The table of this rank's positions; the last one is kept, as megatron caches its own (a training
+        step asks for the same table every micro batch). A table made under inference_mode cannot be saved
+        for a backward pass, so the mode is part of the key."""
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        cp_group = cp_group if cp_group is not None else self.cp_group
+        key = (max_seq_len, offset, packed_seq, cp_group, device, torch.is_inference_mode_enabled())
+        if self._table_key != key:
+            self._table_key, self._table = key, self._table_for(max_seq_len, offset, packed_seq, cp_group, device)
+        return self._table
+
+    def _table_for(self, max_seq_len: int, offset: int, packed_seq: bool, cp_group, device) -> torch.Tensor:
         if self.inv_freq.device != device:
             self.inv_freq = self.inv_freq.to(device)
         positions = torch.arange(max_seq_len, device=self.inv_freq.device, dtype=torch.float32) + offset
         if self.seq_len_interpolation_factor is not None:
             positions = positions / self.seq_len_interpolation_factor
-        cp_group = cp_group if cp_group is not None else self.cp_group
         if cp_group is not None and cp_group.size() > 1 and not packed_seq:
             positions = positions[cp_local_positions(max_seq_len, cp_group.size(), cp_group.rank(), positions.device)]
         freqs = torch.outer(positions, self.inv_freq_for(max_seq_len + offset))

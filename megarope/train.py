@@ -144,6 +144,23 @@ def check_fp8_shapes(preset, cfg: configuration.Config) -> None:
         raise UsageError(f"train.fp8: FP8 GEMMs need weight dimensions divisible by 16; {', '.join(bad)} (TP {p.tp})")
 
 
+def loss_plan(cfg: configuration.Config, preset, dp: int, dtype: str):
+    """train.loss for this run: (full logits or not, the estimate it was decided from, the banner's line).
+    "auto" decides from the memory estimate against parallel.gpu_memory_gb, as the dry run checks the layout:
+    from the config alone, so every rank (and the dry run) decides the same."""
+    from megarope import memory
+    from megarope.loss import DEFAULT_CHUNK
+
+    p, t = cfg.parallel, cfg.train
+    estimate = memory.estimate_training_memory(preset, tp=p.tp, cp=p.cp, pp=p.pp, dp=dp, seq_len=t.seq_len,
+                                               micro_batch=t.micro_batch,
+                                               num_micro=t.global_batch // (t.micro_batch * dp), dtype=dtype)
+    full, why = memory.choose_loss(estimate, t.recompute, p.gpu_memory_gb * memory.GB, t.loss)
+    what = ("full logits, the output GEMM once" if full else
+            f"chunked, {DEFAULT_CHUNK:,} tokens' logits at a time, recomputed in the backward pass")
+    return full, estimate, f"loss: {what} ({why})"
+
+
 # ----------------------------------------------------------------------------------------------- state
 @dataclass
 class TrainState:
@@ -397,6 +414,7 @@ class Trainer:
         self.resume_dir, self.saved_at = None, None
         self.lineage = self._lineage()
         self.num_micro = cfg.train.global_batch // (cfg.train.micro_batch * layout.dp)
+        self.full_logits, _, self.loss_line = loss_plan(cfg, self.preset, layout.dp, dtype)
 
     def _lineage(self) -> lineage.Lineage:
         """The pretraining this run descends from (the resumed run's, else init.from's), carried forward."""
@@ -473,7 +491,8 @@ class Trainer:
         from megarope.loss import token_losses
 
         batch = next(data_iterator)
-        output = token_losses(model, batch["tokens"], batch["labels"], batch["position_ids"], with_accuracy=False)
+        output = token_losses(model, batch["tokens"], batch["labels"], batch["position_ids"], with_accuracy=False,
+                              full_logits=self.full_logits)
         if get_attr_wrapped_model(model, "post_process") and isinstance(output, tuple):
             output = output[0]  # (losses, accuracy or None): the loss is what the schedule back-propagates
         return output, functools.partial(token_loss_sum, batch["loss_mask"])
@@ -580,6 +599,8 @@ class Trainer:
                 *(f"  {line}" if line else "" for line in planner.format_plan(plan).splitlines())]
 
     def banner(self, start: str) -> None:
+        from megarope.loss import cross_entropy_name
+
         cfg, t, p = self.cfg, self.cfg.train, self.preset
         lines = [
             f"megarope train: {self.layout.describe()}"
@@ -594,6 +615,7 @@ class Trainer:
             f"{t.micro_batch} per data-parallel rank, megatron's {self.forward_backward.__name__}), AdamW lr {t.lr:g}, "
             f"warmup {t.warmup_steps}, {t.lr_decay_style} to {t.min_lr:g}, clip {t.clip_grad:g}, "
             f"optimizer {self.optimizer_kind}",
+            self.loss_line + (f"; cross entropy: {cross_entropy_name(parallel.device())}" if self.full_logits else ""),
             f"RoPE: base {self.rope.base:g}, train_len {self.rope.train_len}"
             + (", dynamic NTK" if self.rope.dynamic_ntk else "")
             + (f", log-scaled from {self.rope.log_scale_ref}" if self.rope.log_scale_ref else ""),
@@ -676,8 +698,7 @@ def dry_run(cfg: configuration.Config, world: int | None = None) -> tuple[str, s
     check_layout(cfg, preset, layout)
     dtype = resolve_dtype(cfg, gpu)
     num_micro = t.global_batch // (t.micro_batch * layout.dp)
-    estimate = memory.estimate_training_memory(preset, tp=p.tp, cp=p.cp, pp=p.pp, dp=layout.dp, seq_len=t.seq_len,
-                                               micro_batch=t.micro_batch, num_micro=num_micro, dtype=dtype)
+    full_logits, estimate, loss_line = loss_plan(cfg, preset, layout.dp, dtype)
     stages = memory.stage_parameters(preset, p.tp, p.pp)
     gb = memory.GB
     rows = [("weights", f"{dtype}", estimate.weights),
@@ -686,6 +707,8 @@ def dry_run(cfg: configuration.Config, world: int | None = None) -> tuple[str, s
                                 f"{layout.dp * p.cp})", estimate.optimizer),
             ("activations", f"recompute off, {estimate.in_flight} micro batch(es) in flight", estimate.activations),
             ("activations", "recompute on", estimate.activations_recompute),
+            ("loss", f"{'full logits' if full_logits else 'chunked'}, one micro batch's",
+             estimate.loss_full if full_logits else estimate.loss_chunked),
             ("workspace", "CUDA context, NCCL, allocator (an allowance)", estimate.workspace)]
     lines = [f"dry run: {layout.describe()}, {num_micro} micro batches of {t.micro_batch} x {t.seq_len} tokens "
              f"per data-parallel rank",
@@ -696,11 +719,12 @@ def dry_run(cfg: configuration.Config, world: int | None = None) -> tuple[str, s
              f"parallel.gpu_memory_gb = {p.gpu_memory_gb:g}):",
              *(f"  {what:<16} {value / gb:7.1f}  {detail}" for what, detail, value in rows)]
     for recompute in (False, True):
-        total = estimate.total(recompute)
+        total = estimate.total(recompute, full_logits)
         chosen = " <- this config" if recompute == t.recompute else ""
         verdict = "fits" if total <= p.gpu_memory_gb * gb else "does NOT fit"
         lines.append(f"  total, recompute {'on ' if recompute else 'off'} {total / gb:7.1f}  {verdict}{chosen}")
-    needed = estimate.total(t.recompute)
+    lines.append(loss_line)
+    needed = estimate.total(t.recompute, full_logits)
     refusal = None
     if needed > p.gpu_memory_gb * gb:
         refusal = (f"the layout needs an estimated {needed / gb:.1f} GB per GPU with train.recompute "

@@ -506,6 +506,26 @@ def test_the_70b_example_passes_its_dry_run(capsys):
         assert part in out
 
 
+def test_the_loss_is_full_where_the_logits_fit_chunked_where_not_and_the_config_forces_either(capsys):
+    """train.loss: auto decides from the memory estimate against parallel.gpu_memory_gb; the dry run and the
+    banner say which."""
+    def plan(*overrides):
+        cfg = config.load_config(LLAMA_70B, list(overrides))
+        return train.loss_plan(cfg, get_preset("llama2-70b"), 2, "bf16")
+
+    full, estimate, line = plan()
+    assert full and line.startswith("loss: full logits") and "of 80.0 GB" in line
+    needed = estimate.total(False, full_logits=True) / 1e9
+    full, _, line = plan(f"parallel.gpu_memory_gb={needed - 0.01}")
+    assert not full and line.startswith("loss: chunked") and "would not fit" in line
+    assert plan(f"parallel.gpu_memory_gb={needed - 0.01}", "train.loss=full")[0]
+    full, _, line = plan("train.loss=chunked")
+    assert not full and line.endswith("(train.loss: chunked)")
+    assert main(["train", LLAMA_70B, "train.loss=chunked", "--dry-run", "--world", "128"]) == 0
+    out = capsys.readouterr().out
+    assert "  loss  " in out and "chunked, one micro batch's" in out and "(train.loss: chunked)" in out
+
+
 def test_a_dry_run_refuses_a_layout_that_does_not_fit(capsys):
     assert main(["train", LLAMA_70B, "parallel.pp=1", "parallel.cp=1", "--dry-run"]) == 2
     captured = capsys.readouterr()
@@ -682,6 +702,8 @@ def test_toy_example_runs_from_nothing(tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "world 1 = TP 1 x CP 1 x PP 1 x DP 1" in out and "critical dimension d_extra = 12" in out
+    assert "loss: full logits, the output GEMM once (they fit" in out
+    assert "cross entropy: megatron's vocab_parallel_cross_entropy" in out
     assert os.path.exists(tmp_path / "data" / "train.bin") and latest_step(tmp_path / "toy") == 3
     assert os.listdir(tmp_path / "toy" / "tensorboard")
 
