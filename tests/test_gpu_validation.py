@@ -26,7 +26,7 @@ def test_the_dry_run_passes_every_check_and_writes_its_reports(tmp_path):
     assert sorted(os.listdir(out)) == ["log.txt", "profile.txt", "results.json", "results.md"]
     report = json.loads((out / "results.json").read_text())
     checks = {c["name"]: c for c in report["checks"]}
-    assert list(checks) == ["environment", "tests/gpu", "long_eval", "throughput", "multi_rank"]
+    assert list(checks) == ["environment", "tests/gpu", "multi_rank", "long_eval", "throughput"]
     assert all(c["status"] == "pass" for c in checks.values()), {n: c["summary"] for n, c in checks.items()}
     tests = {t["test"].split("::")[1].split("[")[0]: t["outcome"] for t in checks["tests/gpu"]["tests"]}
     assert tests["test_a_checkpoint_of_one_backend_gives_the_same_logits_in_the_other"] == "passed"
