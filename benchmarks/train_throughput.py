@@ -120,7 +120,8 @@ def hand_written_step(trainer, state) -> float:
                                   trainer.dp_rank, trainer.num_micro, trainer.layout.cp)
     for m, batch in enumerate(batches):
         with contextlib.nullcontext() if m == trainer.num_micro - 1 else ddp.no_sync():
-            losses = loss.token_losses(ddp, batch["tokens"], batch["labels"], batch["position_ids"])[0]
+            losses = loss.token_losses(ddp, batch["tokens"], batch["labels"], batch["position_ids"],
+                                       full_logits=trainer.full_logits)[0]
             share, _ = loss.mean_loss(losses, batch["loss_mask"])
             (share / trainer.num_micro).backward()
         total += share.detach() / trainer.num_micro

@@ -14,6 +14,9 @@
 #   PYTHON            the interpreter with megarope installed (default: the repo's .venv, else python3)
 #   OMP_NUM_THREADS   threads per process (default: this machine's cores / NPROC)
 #   SHUTDOWN_TIMEOUT  seconds torchrun waits for the ranks to save after a signal (default 600)
+#   CUDA_DEVICE_MAX_CONNECTIONS  1 when parallel.tp or parallel.cp > 1, as megatron-core wants it (set here;
+#                     megarope.config.launch_environment says why); a value exported before wins
+#   MEGAROPE_DEVICE   cpu: train on the CPU (gloo ranks) although the machine has GPUs
 set -euo pipefail
 
 if [ "$#" -lt 2 ]; then
@@ -36,6 +39,26 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 if [ -z "${PYTHON:-}" ]; then
     if [ -x "$REPO/.venv/bin/python" ]; then PYTHON=$REPO/.venv/bin/python; else PYTHON=python3; fi
 fi
+# The config is checked here, before any rank starts (one line and exit 2 when it is bad), and its layout
+# decides the environment megatron-core wants in the ranks (megarope.config.launch_environment).
+LAUNCH_ENV=$("$PYTHON" - "$CONFIG" "$@" <<'EOF'
+import sys
+
+from megarope.config import launch_environment, load_config
+from megarope.errors import UsageError
+
+try:
+    p = load_config(sys.argv[1], [a for a in sys.argv[2:] if not a.startswith("--")]).parallel
+except UsageError as e:
+    sys.exit(f"megarope: error: {e}")
+for name, value in launch_environment(p.tp, p.cp).items():
+    print(f"{name}={value}")
+EOF
+) || exit 2
+for assignment in $LAUNCH_ENV; do
+    [ -n "$(printenv "${assignment%%=*}")" ] || export "$assignment"   # a value exported before wins
+done
+
 CORES=$(nproc 2>/dev/null || echo 1)
 THREADS=$(( CORES / NPROC ))
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( THREADS > 0 ? THREADS : 1 ))}

@@ -240,11 +240,30 @@ def _seal(tmp: str, final_dir: str, meta: dict, tokenizer_file: str | None) -> N
             replace_dir(tmp, final_dir)
 
 
+def _dist_save(sharded_state_dict: dict, directory: str) -> None:
+    """dist_checkpointing.save, the ranks meeting on the long-wait group (parallel.py) once each has written.
+
+    megatron's synchronous save (0.19.2: TorchDistSaveShardedStrategy.save, AsyncRequest.execute_sync) writes
+    each rank's shards and then waits for every rank in a barrier of the default group: NCCL's on GPUs, whose
+    watchdog ends the job when the slowest writer (a 70B optimizer state on a network file system) takes longer
+    than its timeout. This runs the same request, megatron's own, with the ranks meeting before the barrier
+    (parallel.fail_together: also, a rank whose write raised stops them all there)."""
+    request = dist_checkpointing.save(sharded_state_dict, directory, async_sharded_save=True, async_strategy="mcore")
+    write = request.async_fn
+
+    def write_then_wait(*args, **kwargs):
+        with parallel.fail_together():  # the wait, and a rank whose write raised stops every rank before the barrier
+            if write is not None:
+                write(*args, **kwargs)
+
+    request._replace(async_fn=write_then_wait).execute_sync()  # a NamedTuple's own copy-with-changes
+
+
 def save_model(model, directory: str, meta: dict | None = None, tokenizer_file: str | None = None) -> None:
     """Save just the model (a converted or final checkpoint). Collective: every rank calls it."""
     with _atomic_save(directory, ("model",)) as tmp:
         with _save_phase(directory):
-            dist_checkpointing.save(model.sharded_state_dict(), os.path.join(tmp, "model"))
+            _dist_save(model.sharded_state_dict(), os.path.join(tmp, "model"))
         _seal(tmp, directory, meta if meta is not None else model_meta(model), tokenizer_file)
 
 
@@ -651,8 +670,8 @@ def save_training(root: str, step: int, model, optimizer, state: dict, rank_stat
         with _save_phase(final):
             model_sd = _sharded_model_state(model)
             optimizer_sd = optimizer.sharded_state_dict(model_sd, is_loading=False, metadata=optimizer_metadata)
-            dist_checkpointing.save(model_sd, os.path.join(tmp, "model"))
-            dist_checkpointing.save(optimizer_sd, os.path.join(tmp, "optimizer"))
+            _dist_save(model_sd, os.path.join(tmp, "model"))
+            _dist_save(optimizer_sd, os.path.join(tmp, "optimizer"))
             rank = dist.get_rank() if dist.is_initialized() else 0
             write_json_atomic(os.path.join(tmp, "rank", f"rank_{rank:05d}.json"), rank_state)
             if is_main():

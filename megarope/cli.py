@@ -7,6 +7,7 @@ Bad input of any kind ends in one line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 
@@ -355,29 +356,41 @@ def _precheck(args, checkpoints: list[str]) -> None:
             raise UsageError(f"--data {path}: not found")
 
 
-def _run_eval(args) -> None:
-    _precheck(args, args.checkpoint)
+@contextlib.contextmanager
+def _one_line_on_stop(command: str):
+    """An evaluation a stop signal ended (signals.Stopped): one line (rank 0), and the usual status of a
+    process ended by that signal."""
     from megarope import parallel
-    from megarope.eval import perplexity
     from megarope.signals import Stopped
 
-    try:  # resume=None: an unfinished evaluation in --out with the same documents and settings goes on
+    try:
+        yield
+    except Stopped as e:
+        if parallel.is_main():
+            print(f"megarope {command}: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(e.exit_code) from None
+
+
+def _run_eval(args) -> None:
+    _precheck(args, args.checkpoint)
+    from megarope.eval import perplexity
+
+    with _one_line_on_stop("eval"):  # resume=None: an unfinished evaluation in --out with the same settings goes on
         perplexity.run(args.checkpoint, args.data, args.lengths, args.variants, args.out, tokenizer=args.tokenizer,
                        tp=args.tp, cp=args.cp, rope_base=args.rope_base, dynamic_ntk=args.dynamic_ntk,
                        log_scale_ref=args.log_scale, window=args.window, stride=args.stride, max_docs=args.max_docs,
                        bos=not args.no_bos, bucket0=args.bucket0, backend=args.backend, dtype=_dtype(args.dtype),
                        max_memory=args.max_memory, cp_comm=args.cp_comm, resume=None, trust=_trust(args))
-    except Stopped as e:  # one line (rank 0), and the usual status of a process ended by that signal
-        if parallel.is_main():
-            print(f"megarope eval: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(e.exit_code) from None
 
 
 def _add_passkey(sub) -> None:
     p = sub.add_parser("passkey", help="passkey retrieval accuracy by context length and depth (heatmap)",
                        description="Hide a random 5-digit pass key at each depth of filler text of each length and "
                                    "ask for it. Scored teacher-forced: a trial passes when the argmax at every answer "
-                                   "token is right (the same verdict as greedy decoding, in one forward pass).")
+                                   "token is right (the same verdict as greedy decoding, in one forward pass). "
+                                   "passkey.json is written as each length completes. SIGTERM, SIGINT or SIGUSR1 "
+                                   "stops it before the next batch (exit 128 + the signal's number); run the same "
+                                   "command to resume at the next unscored length.")
     p.add_argument("--checkpoint", required=True, metavar="DIR",
                    help="a megarope checkpoint, a training run's directory, or an HF model directory")
     p.add_argument("--lengths", type=_length_list, required=True, metavar="L1,L2,...",
@@ -398,10 +411,12 @@ def _run_passkey(args) -> None:
     _precheck(args, [args.checkpoint])
     from megarope.eval import passkey
 
-    passkey.run(args.checkpoint, args.lengths, args.depths, args.trials, args.out, tokenizer=args.tokenizer,
-                tp=args.tp, cp=args.cp, rope_base=args.rope_base, dynamic_ntk=args.dynamic_ntk,
-                log_scale_ref=args.log_scale, seed=args.seed, bos=not args.no_bos, backend=args.backend,
-                dtype=_dtype(args.dtype), max_memory=args.max_memory, cp_comm=args.cp_comm, trust=_trust(args))
+    with _one_line_on_stop("passkey"):  # resume: an unfinished run in --out with the same settings goes on
+        passkey.run(args.checkpoint, args.lengths, args.depths, args.trials, args.out, tokenizer=args.tokenizer,
+                    tp=args.tp, cp=args.cp, rope_base=args.rope_base, dynamic_ntk=args.dynamic_ntk,
+                    log_scale_ref=args.log_scale, seed=args.seed, bos=not args.no_bos, backend=args.backend,
+                    dtype=_dtype(args.dtype), max_memory=args.max_memory, cp_comm=args.cp_comm, resume=True,
+                    trust=_trust(args))
 
 
 # ---------------------------------------------------------------------------- experiment

@@ -79,7 +79,8 @@ class ParallelSection(_Section):
     sequence_parallel: bool = True
     """Split norms/dropout activations over the TP ranks too (only has an effect with tp > 1)."""
     gpu_memory_gb: float = Field(80.0, gt=0)
-    """Memory of one GPU in GB (10^9 bytes) that `megarope train --dry-run` checks the layout against."""
+    """Memory of one GPU in GB (10^9 bytes) that `megarope train --dry-run` checks the layout against, and
+    train.loss: auto decides against."""
 
     @model_validator(mode="after")
     def _virtual_stages_need_stages(self):
@@ -114,6 +115,11 @@ class TrainSection(_Section):
     GPUs (Transformer Engine's fused attention needs it), fp32 on a CPU; checkpoints record the one used."""
     recompute: bool = False
     """Recompute each layer's activations in the backward pass (less memory, ~1/3 more compute)."""
+    loss: Literal["auto", "full", "chunked"] = "auto"
+    """How the loss meets the logits. "full": the output layer once over each micro batch and a fused cross
+    entropy (fastest); "chunked": 4,096 tokens' logits at a time, recomputed in the backward pass (memory
+    linear in length, one more output GEMM). "auto": full where the memory estimate with full logits fits
+    parallel.gpu_memory_gb (`megarope train --dry-run` shows it), else chunked; the banner says which."""
     fp8: Literal["e4m3", "hybrid"] | None = None
     """FP8 matmuls through Transformer Engine (model.backend: te, Hopper or newer GPUs)."""
     fp8_recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = "tensorwise"
@@ -332,3 +338,14 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         if not isinstance(raw, dict):
             raise UsageError(f"{source}: the top level must be a mapping of sections")
     return validate(apply_overrides(raw, list(overrides or [])), source, schema)
+
+
+def launch_environment(tp: int, cp: int) -> dict[str, str]:
+    """What a launcher puts into the ranks' environment for a TP x CP layout (before CUDA starts in them;
+    a variable the user set wins). CUDA_DEVICE_MAX_CONNECTIONS=1 with TP > 1 or CP > 1: megatron-core's
+    tensor-parallel layers rely on it to launch their collectives before the GEMMs they overlap with
+    (tensor_parallel/layers.py warns without it under sequence parallelism), its own training refuses TP or CP
+    without it on GPUs before Blackwell (megatron/training/arguments.py), and Transformer Engine asks for it
+    with TP > 1 (module/base.py). The configurations that want more connections (Megatron-FSDP, MoE
+    overlap) are not megarope's, and TP = CP = 1 keeps CUDA's default."""
+    return {"CUDA_DEVICE_MAX_CONNECTIONS": "1"} if tp * cp > 1 else {}

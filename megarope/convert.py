@@ -4,7 +4,10 @@ HF -> megarope: config.json is read directly (both the old top-level ``rope_thet
 and the newer ``rope_parameters``), every tensor's name and shape and the tokenizer are checked
 against it before anything heavy is imported, then the model is filled and saved with
 checkpoint.save_model (dist_checkpointing reshards at load time: one checkpoint serves every TP/CP
-layout). ``load_hf`` does the same in memory, for the parallel layout already set up, writing nothing.
+layout). ``HFCheckpoint`` (and ``load_hf``) does the same in memory, for the parallel layout already
+set up, writing nothing: each rank reads only its tensor-parallel shard, one rank per data- and
+context-parallel group reads it for the group, and every model built from it (an evaluation's RoPE
+variants) shares that one reading.
 
 Each family is one table of megatron <-> HF names (FAMILIES). Weight layout: megatron's linear_qkv
 holds, for each query group g, [the group's q heads, k_g, v_g] along dim 0 (its bias too);
@@ -199,10 +202,12 @@ def hf_shapes(family: Family, p: dict) -> dict[str, tuple]:
 
 
 class HFWeights:
-    """An HF checkpoint's tensors: names and shapes without loading any, each tensor on demand."""
+    """An HF checkpoint's tensors: names and shapes without loading any, each tensor (or a part of one) on
+    demand. ``bytes_read`` counts what was read: the measure of how much of the checkpoint a rank reads."""
 
     def __init__(self, hf_dir: str):
         self.files, self.shapes, self._open = {}, {}, {}  # name -> file, name -> shape, file -> handle
+        self.bytes_read = 0
         for kind, index, pattern in (("safetensors", "model.safetensors.index.json", "model*.safetensors"),
                                      ("bin", "pytorch_model.bin.index.json", "pytorch_model*.bin")):
             wanted = None
@@ -254,41 +259,100 @@ class HFWeights:
             if self.shapes[name] != shape:
                 raise UsageError(f"tensor {name} has shape {list(self.shapes[name])}, expected {list(shape)}")
 
-    def __getitem__(self, name: str):
+    def read(self, name: str, index: tuple[slice, ...] | None = None):
+        """Tensor ``name``, or only the part ``index`` selects (from the memory-mapped file: no more is read)."""
         path = self.files[name]
         if path not in self._open:
             from safetensors import safe_open
 
             self._open[path] = safe_open(path, framework="pt")
         handle = self._open[path]
-        return handle[name] if isinstance(handle, dict) else handle.get_tensor(name)
+        if isinstance(handle, dict):  # a .bin file, memory-mapped: the copy touches only the selected part
+            tensor = handle[name] if index is None else handle[name][index].clone()
+        else:
+            tensor = handle.get_tensor(name) if index is None else handle.get_slice(name)[index]
+        self.bytes_read += tensor.numel() * tensor.element_size()
+        return tensor
+
+    def __getitem__(self, name: str):
+        return self.read(name)
 
 
-def hf_to_mcore_state(get, family: Family, p: dict) -> dict:
-    """Full (TP=1) megatron tensors from HF tensors (``get(name)``), by the family's table; vocab padded
-    with zero rows to megarope's multiple of 128."""
-    import torch
+@dataclass(frozen=True)
+class Rows:
+    """Rows [start, stop) of HF tensor ``name`` (None: that many zero rows, the padding of the vocabulary)."""
 
+    name: str | None
+    start: int
+    stop: int
+
+
+def hf_to_mcore_rows(family: Family, p: dict) -> dict[str, list[Rows]]:
+    """Every full (TP=1) megatron tensor as the HF rows it is made of, in order along its first dimension, by the
+    family's table: linear_qkv per query group [its q heads; k; v], the other fused tensors one HF tensor after
+    the other, the vocabulary padded with zero rows to megarope's multiple of 128."""
     from megarope.model import VOCAB_MULTIPLE
 
     padded = -(-p["vocab_size"] // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
     groups = p["num_query_groups"]
-    state = {}
-    for mcore, names, _ in rows(family, p):
-        parts = [get(n) for n in names]
-        if ".linear_qkv." in mcore:  # per query group: [its q heads; k; v]
-            rest = parts[0].shape[1:]
-            t = torch.cat([x.reshape(groups, -1, *rest) for x in parts], dim=1).reshape(-1, *rest)
+    layout = {}
+    for mcore, names, shapes in rows(family, p):
+        if ".linear_qkv." in mcore:
+            per_group = [shape[0] // groups for shape in shapes]
+            parts = [Rows(n, g * k, (g + 1) * k) for g in range(groups) for n, k in zip(names, per_group)]
         else:
-            t = torch.cat(parts) if len(parts) > 1 else parts[0]
+            parts = [Rows(n, 0, shape[0]) for n, shape in zip(names, shapes)]
         if mcore in VOCAB_ROWS:
-            t = torch.cat([t, t.new_zeros(padded - t.shape[0], *t.shape[1:])])
-        state[mcore] = t
-    return state
+            parts.append(Rows(None, 0, padded - shapes[0][0]))
+        layout[mcore] = parts
+    return layout
+
+
+class LazyTensor:
+    """A full (TP=1) megatron tensor made of HF rows (hf_to_mcore_rows), read only where it is indexed.
+
+    ``t[index]`` (a tuple of slices: what load_full_state takes of each tensor, this rank's piece) reads just
+    those rows and columns from the HF files, and remembers them: another model built from the same checkpoint
+    (another RoPE variant) takes the piece without reading it again."""
+
+    def __init__(self, weights: HFWeights, parts: list[Rows], rest: tuple[int, ...]):
+        self.weights, self.parts = weights, parts
+        self.shape = (sum(p.stop - p.start for p in parts), *rest)
+        self._read = {}
+
+    def __getitem__(self, index: tuple[slice, ...]):
+        import torch
+
+        index = tuple(slice(*s.indices(n)) for s, n in zip(index, self.shape))
+        key = tuple((s.start, s.stop, s.step) for s in index)
+        if key not in self._read:
+            first, last = index[0].start, index[0].stop
+            pieces, offset = [], 0
+            for part in self.parts:
+                lo, hi = max(first, offset), min(last, offset + part.stop - part.start)
+                if lo < hi and part.name is None:  # vocabulary padding (the last part)
+                    columns = [len(range(*c.indices(n))) for c, n in zip(index[1:], self.shape[1:])]
+                    dtype = pieces[-1].dtype if pieces else torch.float32
+                    pieces.append(torch.zeros(hi - lo, *columns, dtype=dtype))
+                elif lo < hi:
+                    rows = slice(part.start + lo - offset, part.start + hi - offset)
+                    pieces.append(self.weights.read(part.name, (rows, *index[1:])))
+                offset += part.stop - part.start
+            self._read[key] = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+        return self._read[key]
+
+
+def lazy_state(source: HFSource) -> dict[str, LazyTensor]:
+    """The full (TP=1) megatron tensors of an inspected HF directory, each read only where it is indexed."""
+    parts = hf_to_mcore_rows(source.family, source.preset)
+    shapes = source.weights.shapes
+    return {name: LazyTensor(source.weights, rows_of, shapes[next(r.name for r in rows_of if r.name)][1:])
+            for name, rows_of in parts.items()}
 
 
 def mcore_to_hf_state(state: dict, family: Family, p: dict) -> dict:
-    """The inverse of hf_to_mcore_state: HF tensors (contiguous, padded vocab rows dropped)."""
+    """The inverse of hf_to_mcore_rows: HF tensors from full megatron tensors (contiguous, padded vocab rows
+    dropped)."""
     dims = _dims(p)
     out = {}
     for mcore, names, shapes in rows(family, p):
@@ -408,47 +472,79 @@ def _meta(source: HFSource, preset, rope, backend: str, tp: int) -> dict:
     return meta
 
 
+def _rope(source: HFSource, overrides: dict | None = None):
+    from megarope.rope import RopeConfig
+
+    try:
+        return RopeConfig(**{**source.rope, **(overrides or {})})
+    except ValueError as e:
+        raise UsageError(f"RoPE: {e}") from None
+
+
 def hf_meta(source: HFSource) -> dict:
     """What a converted checkpoint's megarope.json would hold for an inspected HF directory, without
     building anything; "tokenizer" is the spec of the tokenizer it would carry (its path, or "bytes")."""
     from megarope.model import Preset
-    from megarope.rope import RopeConfig
 
-    try:
-        rope = RopeConfig(**source.rope)
-    except ValueError as e:
-        raise UsageError(f"RoPE: {e}") from None
-    meta = _meta(source, Preset(**source.preset), rope, "local", tp=1)
+    meta = _meta(source, Preset(**source.preset), _rope(source), "local", tp=1)
     meta["tokenizer"] = source.tokenizer.spec if source.tokenizer is not None else None
     return meta
 
 
-def _build_and_fill(source: HFSource, backend: str, rope_overrides: dict | None, **config_kwargs):
-    from megarope import model as model_mod
-    from megarope.rope import RopeConfig
+class HFCheckpoint:
+    """An HF directory, checked (inspect_hf), from which to build loaded models for the parallel state already
+    set up (any TP/CP/DP), converted in memory: nothing is written, and the weights are read once for every
+    model built from it (an evaluation's RoPE variants: RoPE has no weights).
 
-    preset = model_mod.Preset(**source.preset)
-    try:
-        rope = RopeConfig(**{**source.rope, **(rope_overrides or {})})
-    except ValueError as e:
-        raise UsageError(f"RoPE: {e}") from None
-    model = model_mod.build_model(preset, rope, backend, **config_kwargs)
-    load_full_state(model, hf_to_mcore_state(lambda name: source.weights[name], source.family, source.preset))
-    return model, preset, rope
+    A rank needs its tensor-parallel shard only, and the ranks of a data- and context-parallel group need
+    the same one: the group's first rank reads it, only those rows and columns of the memory-mapped files
+    (LazyTensor), and keeps it for the next model; the other ranks receive the loaded weights from it, a
+    broadcast over the group once the readers are done (they are waited for on the host-side group, not
+    inside the broadcast: parallel.py). A 7B model evaluated in 4 variants on 8 GPUs at TP 8 is read once
+    in all, an eighth by each rank; at TP 1 x CP 8, once, by one rank. The price: a reading rank holds its
+    shard in host memory (in the files' dtype) for as long as this object lives.
+    """
+
+    def __init__(self, hf_dir: str, tokenizer: str | None = None):
+        self.path = hf_dir
+        self.source = inspect_hf(hf_dir, tokenizer)
+        self.state = lazy_state(self.source)
+
+    def meta(self, backend: str = "local") -> dict:
+        """What a converted checkpoint's megarope.json would hold, "tokenizer" the tokenizer's own spec (a path)."""
+        return {**hf_meta(self.source), "backend": backend}
+
+    def model(self, backend: str = "local", rope_overrides: dict | None = None, **config_kwargs):
+        """A model of this checkpoint with RoPE ``rope_overrides`` for the current parallel state (without one, a
+        world of one: parallel.ensure), collective over the data- and context-parallel group; ``config_kwargs`` go
+        to model.build_model (dtype, ...)."""
+        import torch.distributed as dist
+        from megatron.core import parallel_state
+
+        from megarope import model as model_mod, parallel
+
+        parallel.ensure()
+        model = model_mod.build_model(model_mod.Preset(**self.source.preset), _rope(self.source, rope_overrides),
+                                      backend, **config_kwargs)
+        group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+        reader = dist.get_process_group_ranks(group)[0]
+        if dist.get_rank() == reader:
+            load_full_state(model, self.state)
+        if dist.get_world_size(group) > 1:
+            parallel.wait_for_all()
+            for param in model.parameters():
+                dist.broadcast(param.data, src=reader, group=group)
+        return model
 
 
 def load_hf(hf_dir: str, backend: str = "local", rope_overrides: dict | None = None, tokenizer: str | None = None,
             **config_kwargs):
     """An HF directory as a built, loaded megarope model for the current parallel state (any TP/CP; without
     one, a world of one, as checkpoint.build_from_checkpoint sets up), converted in memory: nothing is written.
-    Returns (model, metadata); the metadata is what a converted checkpoint's megarope.json would hold, with
-    "tokenizer" the tokenizer's own spec (a path)."""
-    from megarope import parallel
-
-    source = inspect_hf(hf_dir, tokenizer)
-    parallel.ensure()
-    model, _, _ = _build_and_fill(source, backend, rope_overrides, **config_kwargs)
-    return model, {**hf_meta(source), "backend": backend}
+    Returns (model, metadata): HFCheckpoint's model and meta; build several models of one directory from one
+    HFCheckpoint instead, which reads the weights once."""
+    hf = HFCheckpoint(hf_dir, tokenizer)
+    return hf.model(backend, rope_overrides, **config_kwargs), hf.meta(backend)
 
 
 def _check_destination(path: str) -> None:
@@ -469,9 +565,12 @@ def hf_to_mcore(hf_dir: str, out_dir: str, tp: int = 1, tokenizer: str | None = 
     source = inspect_hf(hf_dir, tokenizer, pretrain_base, pretrain_len, tune_len, tp, lineage_given_as)
 
     from megarope import checkpoint, parallel  # imported late: every input check above runs without them
+    from megarope.model import Preset, build_model
 
     parallel.init(tp=1)
-    model, preset, rope = _build_and_fill(source, "local", None)
+    preset, rope = Preset(**source.preset), _rope(source)
+    model = build_model(preset, rope, "local")
+    load_full_state(model, lazy_state(source))
     meta = _meta(source, preset, rope, "local", tp)
     checkpoint.save_model(model, out_dir, meta, tokenizer_file=source.tokenizer.path if source.tokenizer else None)
     return checkpoint.read_meta(out_dir)

@@ -22,6 +22,7 @@ import multiprocessing
 import os
 import re
 import shutil
+import socket
 import sysconfig
 import tempfile
 import warnings
@@ -31,6 +32,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from html.parser import HTMLParser
 
 import sentencepiece
+import torch.distributed
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder
@@ -38,6 +40,7 @@ from megatron.core.datasets.utils import Split
 from megatron.core.tokenizers import MegatronTokenizerBase
 from tqdm import tqdm
 
+from megarope import parallel
 from megarope.errors import UsageError
 from megarope.files import atomic_dir, atomic_files, sha256_file, write_json_atomic
 
@@ -464,6 +467,9 @@ def build_gpt_dataset(paths_and_weights, seq_len: int, num_samples: int | None, 
     megatron's (GPTDatasetConfig): positions that restart after each EOD, and no loss where the input is
     EOD; `reset_attention_mask` builds no mask (megarope's attention reads the documents from the tokens:
     megarope.packing), megatron only records it.
+
+    Under torch.distributed (collective): rank 0 builds the indices and the other ranks read them from
+    `cache_dir`, which every rank must therefore see (see _build_on_rank_0_first).
     """
     tokenizer = _as_tokenizer(tokenizer)
     if isinstance(paths_and_weights, (str, os.PathLike)):
@@ -504,10 +510,40 @@ def build_gpt_dataset(paths_and_weights, seq_len: int, num_samples: int | None, 
             reset_position_ids=reset_position_ids, reset_attention_mask=reset_attention_mask,
             eod_mask_loss=eod_mask_loss,
             create_attention_mask=False)  # our core attention is causal by construction: no mask tensors
-        # is_built_on_rank=True everywhere: without torch.distributed this process builds (and caches) the
-        # indices; with it, megatron builds on rank 0 first, then the other ranks read the cache
-        datasets = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
+        # is_built_on_rank=True everywhere: every rank holds the dataset
+        build = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build
+        distributed = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+        datasets = _build_on_rank_0_first(build, cache_dir) if distributed else build()
     return datasets[split.value]
+
+
+def _build_on_rank_0_first(build, cache_dir: str):
+    """megatron's dataset build under torch.distributed, without its long wait in NCCL.
+
+    megatron builds the indices on rank 0 and writes them to the cache while every other rank waits in a
+    barrier of the default group, then those ranks read the cache (0.19.2: BlendedMegatronDatasetBuilder,
+    GPTDataset). On GPUs that barrier is NCCL's, whose watchdog ends the job when rank 0 builds for longer than
+    its timeout (10 minutes), and where a failure on rank 0 leaves the others waiting until then. So rank 0
+    first builds alone (megatron sees no process group: its world-of-one path, no collective call) while the
+    others wait on the host-side group; then every rank runs megatron's build, which rank 0's cache makes quick.
+    A rank that does not find rank 0's files in ``cache_dir`` sees another directory under that name (a
+    node-local one, on another node): refused in one line on every rank.
+    """
+    with parallel.fail_together():
+        if parallel.is_main():
+            try:
+                with parallel.as_world_of_one():
+                    build()
+            except OSError as e:
+                raise UsageError(f"cannot write megatron's dataset index cache to {cache_dir}: "
+                                 f"{e.strerror or e} (set data.cache_dir to a writable directory)") from e
+    with parallel.fail_together():
+        try:
+            return build()
+        except FileNotFoundError as e:
+            raise UsageError(f"rank {torch.distributed.get_rank()} (on {socket.gethostname()}) does not see the "
+                             f"dataset indices rank 0 wrote to {cache_dir}: the index cache must be on a file "
+                             f"system every node sees; set data.cache_dir to one") from e
 
 
 def fingerprint(paths_and_weights: Sequence[tuple[str, float]]) -> list[dict]:

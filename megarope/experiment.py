@@ -639,7 +639,7 @@ def eval_stage(label: str, cfg: ExperimentConfig, group: EvalGroup, checkpoints:
             return records
     if parallel.is_main():
         if before.get("settings") != settings:  # results of other checkpoints or documents: not this stage's
-            for stale in ("results.json", "results.csv", perplexity.UNFINISHED):
+            for stale in ("results.json", "results.csv", runs.UNFINISHED):
                 if os.path.exists(os.path.join(out_dir, stale)):
                     os.remove(os.path.join(out_dir, stale))
         os.makedirs(out_dir, exist_ok=True)

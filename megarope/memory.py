@@ -7,6 +7,9 @@ For one rank of a TP x CP x PP x DP layout, in bytes:
                    Adam's two moments, split over DP x CP (the group it shards over)
     activations    what the backward pass keeps, for the micro batches the first stage holds at once
                    under megatron's 1F1B schedule (min(PP, micro batches)), with and without recompute
+    loss           the last stage's logits of one micro batch in the training dtype and the cross
+                   entropy's fp32 buffer beside them (Transformer Engine's gradient, megatron's softmax):
+                   all of this rank's tokens with full logits, one chunk of them with the chunked loss
     workspace      a fixed allowance for the CUDA context, NCCL buffers and allocator fragmentation
 
 Activations of one LLaMA layer, per token of this rank (b*s/CP tokens) and per byte of the dtype,
@@ -22,6 +25,8 @@ applied to the LLaMA layer; the workspace allowance is an assumption, not a meas
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from megarope.loss import DEFAULT_CHUNK
 
 GB = 1e9
 WORKSPACE_BYTES = 5 * GB  # CUDA context (~0.5-1 GB), NCCL buffers, allocator fragmentation: an allowance
@@ -61,6 +66,13 @@ def layer_activation_bytes(preset, tokens: int, tp: int, dtype_bytes: int, recom
     return tokens * (5 * h + (preset.num_heads + 2 * preset.num_query_groups) * d + 3 * f) * dtype_bytes // tp
 
 
+def loss_bytes(preset, tokens: int, tp: int, dtype_bytes: int, full_logits: bool, chunk: int = DEFAULT_CHUNK) -> int:
+    """The loss's logits and the cross entropy's fp32 buffer, for ``tokens`` tokens of one micro batch on this
+    rank (micro batch x sequence / CP; sequence parallelism gathers them all for the output layer)."""
+    rows = tokens if full_logits else min(tokens, chunk)
+    return rows * (preset.padded_vocab_size // tp) * (dtype_bytes + 4)
+
+
 @dataclass(frozen=True)
 class TrainingMemory:
     parameters: int  # on the fullest rank
@@ -71,10 +83,25 @@ class TrainingMemory:
     activations_recompute: float
     workspace: float = WORKSPACE_BYTES
     in_flight: int = 1  # micro batches whose activations the first stage holds at once
+    loss_full: float = 0.0  # the loss with full logits
+    loss_chunked: float = 0.0  # the chunked loss
 
-    def total(self, recompute: bool) -> float:
+    def total(self, recompute: bool, full_logits: bool = False) -> float:
         return (self.weights + self.gradients + self.optimizer + self.workspace
-                + (self.activations_recompute if recompute else self.activations))
+                + (self.activations_recompute if recompute else self.activations)
+                + (self.loss_full if full_logits else self.loss_chunked))
+
+
+def choose_loss(estimate: TrainingMemory, recompute: bool, budget_bytes: float, forced: str = "auto") -> tuple[bool, str]:
+    """(full logits or not, why) for train.loss = ``forced``: "auto" takes full logits where the whole estimate
+    with them fits ``budget_bytes`` (one GPU's memory: parallel.gpu_memory_gb), the chunked loss where not."""
+    if forced != "auto":
+        return forced == "full", f"train.loss: {forced}"
+    need = estimate.total(recompute, full_logits=True)
+    if need <= budget_bytes:
+        return True, f"they fit: estimated {need / GB:.1f} of {budget_bytes / GB:.1f} GB"
+    return False, f"full logits ({estimate.loss_full / GB:.1f} GB) would not fit: estimated {need / GB:.1f} of " \
+                  f"{budget_bytes / GB:.1f} GB"
 
 
 def estimate_training_memory(preset, *, tp: int, cp: int, pp: int, dp: int, seq_len: int, micro_batch: int,
@@ -89,6 +116,8 @@ def estimate_training_memory(preset, *, tp: int, cp: int, pp: int, dp: int, seq_
     in_flight = min(pp, num_micro)
     full = layer_activation_bytes(preset, tokens, tp, width, recompute=False)
     kept = layer_activation_bytes(preset, tokens, tp, width, recompute=True)
+    loss = {f: loss_bytes(preset, seq_len // cp, tp, width, f) * micro_batch for f in (True, False)}
     return TrainingMemory(parameters=params, weights=params * width, gradients=params * 4, optimizer=optimizer,
                           activations=in_flight * layers * full,
-                          activations_recompute=in_flight * layers * kept + full, in_flight=in_flight)
+                          activations_recompute=in_flight * layers * kept + full, in_flight=in_flight,
+                          loss_full=loss[True], loss_chunked=loss[False])

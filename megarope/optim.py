@@ -155,6 +155,37 @@ CHECKPOINT_METADATA = {"distrib_optim_sharding_type": "dp_reshardable", "singlet
                        "chained_optim_avoid_prefix": True}
 
 
+# Parameters per gradient bucket of DDP on GPUs, where gradient reduction overlaps the backward pass.
+# Left unset, megatron-core 0.19.2 makes it max(40M, 1M x DP) (DistributedDataParallel.__init__), and a
+# dp_reshardable checkpoint loads only into the bucket sizes it was saved from (the distributed optimizer's
+# load_parameter_state_from_dp_reshardable asserts them): a checkpoint saved at DP <= 40 would not resume at
+# DP > 40, nor one from DP 64 at DP 80. Pinned to that default for DP <= 40, so a resume may change DP freely.
+# The trade-off: above DP 40 each rank's part of a bucket's reduce-scatter shrinks below the 1M elements megatron
+# keeps there for NCCL's bandwidth (40M / DP; 0.5M at DP 80).
+DDP_BUCKET_SIZE = 40_000_000
+
+
+def ddp_bucket_size(resumed: dict | None) -> int:
+    """The bucket size of a run: that of the checkpoint it resumes (``resumed``: its train_state), else
+    DDP_BUCKET_SIZE. A checkpoint saved before the size was recorded had megatron's default at its DP."""
+    if resumed is None or resumed.get("optimizer") != "megatron-distributed":
+        return DDP_BUCKET_SIZE
+    if resumed.get("ddp_bucket_size"):
+        return int(resumed["ddp_bucket_size"])
+    return max(DDP_BUCKET_SIZE, 1_000_000 * int(resumed.get("layout", {}).get("dp", 1)))
+
+
+def make_ddp_config(gpu: bool, resumed: dict | None = None):
+    """megatron DDP's config for a run: gradients reduced in fp32; on GPUs overlapped with the backward pass,
+    in buckets of ddp_bucket_size(resumed) parameters, for the distributed optimizer; on a CPU in one bucket
+    after the backward pass (torch AdamW)."""
+    from megatron.core.distributed import DistributedDataParallelConfig
+
+    return DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=gpu,
+                                         use_distributed_optimizer=gpu,
+                                         bucket_size=ddp_bucket_size(resumed) if gpu else None)
+
+
 def optimizer_kind() -> str:
     return "megatron-distributed" if torch.cuda.is_available() else "torch-adamw"
 

@@ -58,6 +58,18 @@ def _env_rank_world() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
+def cuda_device(local_rank: int, visible: int) -> int:
+    """The CUDA device of the process with node-local rank ``local_rank`` that sees ``visible`` devices: its local
+    rank where every process sees all of the node's GPUs (torchrun; srun without GPU binding), device 0 where it
+    sees one (srun --gpus-per-task=1 or --gpu-bind gives each task its own GPU as device 0; ranks that share a GPU)."""
+    if visible == 1:
+        return 0
+    if not 0 <= local_rank < visible:
+        raise UsageError(f"local rank {local_rank} has no GPU of its own: this process sees {visible} GPUs "
+                         f"(bind one GPU to each task, or start as many ranks per node as it has GPUs)")
+    return local_rank
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -89,9 +101,12 @@ def init(tp: int = 1, cp: int = 1, pp: int = 1, seed: int = 1234, vpp: int | Non
         # A world of one needs no launcher; its own port, not the environment's, so that child
         # processes started later do not inherit an address already in use.
         init_method = f"tcp://127.0.0.1:{free_port()}" if world == 1 and "MASTER_PORT" not in os.environ else None
-        if torch.cuda.is_available():
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", init_method=init_method,
+        if world > 1 and "MASTER_PORT" not in os.environ:  # srun without torchrun: the ranks meet at env://
+            raise UsageError("MASTER_ADDR is set but MASTER_PORT is not: set both to where the ranks meet "
+                             "(or start them with torchrun)")
+        if compat.uses_cuda():
+            torch.cuda.set_device(cuda_device(local_rank, torch.cuda.device_count()))
+        dist.init_process_group("nccl" if compat.uses_cuda() else "gloo", init_method=init_method,
                                 rank=rank, world_size=world)
     world = dist.get_world_size()
     check_sizes(world, tp, cp, pp)
@@ -120,12 +135,21 @@ def ensure(tp: int | None = None, cp: int | None = None) -> bool:
 
 
 def seed_everything(seed: int) -> None:
-    """Same seed on every rank: weights are built whole on the CPU and then split, so every layout
-    starts from identical parameters."""
-    torch.manual_seed(seed)
-    if torch.cuda.is_available():
+    """Seed this rank's generators (after megatron's parallel state is set up).
+
+    On a CPU every rank takes ``seed``: weights are built whole there and then split (model.build_model),
+    so every layout starts from the same parameters. On GPUs each rank draws its own shard on the GPU, and
+    the seeds are those of megatron's own training (megatron/training/initialize.py, _set_random_seed):
+    pipeline stage p takes seed + 100 p, so that later stages do not repeat the first stage's draws, and
+    megatron's tracker gives each TP rank its own stream. A start from random weights then depends on the
+    layout; runs that compare layouts start from one checkpoint (init.from)."""
+    if compat.uses_cuda():
+        if parallel_state.model_parallel_is_initialized():
+            seed += 100 * parallel_state.get_pipeline_model_parallel_rank()
+        torch.manual_seed(seed)
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
     else:
+        torch.manual_seed(seed)
         # megatron forks a CUDA generator around dropout in TP regions; LLaMA has no dropout and a
         # CPU has no CUDA generator, so use megatron's tracker whose fork is a no-op.
         tensor_parallel.random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
@@ -170,6 +194,19 @@ def fail_together():
         raise UsageError("another rank stopped on bad input (see its message)")
     if code.item() == 2:
         raise RuntimeError("another rank failed (see its error)")
+
+
+@contextlib.contextmanager
+def as_world_of_one():
+    """Library code inside the block sees no process group (torch.distributed.is_initialized() is False), so it
+    takes its world-of-one path on this rank alone. Only for work that makes no collective call: megatron's
+    dataset build on rank 0, which would otherwise wait for the others in a barrier (data.build_gpt_dataset)."""
+    is_initialized = dist.is_initialized
+    dist.is_initialized = lambda: False
+    try:
+        yield
+    finally:
+        dist.is_initialized = is_initialized
 
 
 def any_rank(flag: bool) -> bool:

@@ -136,6 +136,11 @@ class RopeConfig:
         return ", ".join(parts)
 
 
+def _device() -> torch.device:
+    """Where megatron's rotary tables go: the current CUDA device, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def dynamic_ntk_base(base: float, seq_len: int, train_len: int, rotary_dim: int, alpha: float = 1.0) -> float:
     """Dynamic NTK: beta' = beta * (alpha*L/T_train - (alpha-1))^(d/(d-2)) for L > T_train, else beta."""
     if seq_len <= train_len:
@@ -215,6 +220,7 @@ class RotaryEmbedding(_DocumentTables, _McoreRotary):
                                                 original_max_position_embeddings=rope.llama3_original_len)
         self.rope = rope
         self.rotary_dim = self.inv_freq.numel() * 2
+        self._table_key = self._table = None
 
     def inv_freq_for(self, seq_len: int) -> torch.Tensor:
         if not self.rope.dynamic_ntk:
@@ -224,19 +230,29 @@ class RotaryEmbedding(_DocumentTables, _McoreRotary):
         return 1.0 / (base ** (exponents / self.rotary_dim))
 
     def full_table(self, length: int) -> torch.Tensor:
-        return self.forward(length, packed_seq=True)
+        return self._table_for(length, 0, True, None, _device())
 
     def forward(self, max_seq_len: int, offset: int = 0, packed_seq: bool = False, cp_group=None) -> torch.Tensor:
+        """The table of this rank's positions; the last one is kept, as megatron caches its own (a training
+        step asks for the same table every micro batch). A table made under inference_mode cannot be saved
+        for a backward pass, so the mode is part of the key. With packed documents: each token's (see
+        _DocumentTables)."""
         documents = self.take_documents()
         if documents is not None:
             return self.document_table(documents)
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        device = _device()
+        cp_group = cp_group if cp_group is not None else self.cp_group
+        key = (max_seq_len, offset, packed_seq, cp_group, device, torch.is_inference_mode_enabled())
+        if self._table_key != key:
+            self._table_key, self._table = key, self._table_for(max_seq_len, offset, packed_seq, cp_group, device)
+        return self._table
+
+    def _table_for(self, max_seq_len: int, offset: int, packed_seq: bool, cp_group, device) -> torch.Tensor:
         if self.inv_freq.device != device:
             self.inv_freq = self.inv_freq.to(device)
         positions = torch.arange(max_seq_len, device=self.inv_freq.device, dtype=torch.float32) + offset
         if self.seq_len_interpolation_factor is not None:
             positions = positions / self.seq_len_interpolation_factor
-        cp_group = cp_group if cp_group is not None else self.cp_group
         if cp_group is not None and cp_group.size() > 1 and not packed_seq:
             positions = positions[cp_local_positions(max_seq_len, cp_group.size(), cp_group.rank(), positions.device)]
         freqs = torch.outer(positions, self.inv_freq_for(max_seq_len + offset))
@@ -269,24 +285,24 @@ class YarnRotaryEmbedding(_DocumentTables, _McoreYarn):
         self.rope = rope
 
     def full_table(self, length: int) -> torch.Tensor:
-        return self._table(length, 0, True, None)[0]
+        return self._sliced(length, 0, True, None)[0]
 
     def forward(self, max_seq_len: int, offset: int = 0, packed_seq: bool = False,
                 cp_group=None) -> tuple[torch.Tensor, float]:
         documents = self.take_documents()
         if documents is not None:
-            return self.document_table(documents), self._table(max(documents.table_lengths), 0, True, None)[1]
-        return self._table(max_seq_len, offset, packed_seq, cp_group)
+            return self.document_table(documents), self._sliced(max(documents.table_lengths), 0, True, None)[1]
+        return self._sliced(max_seq_len, offset, packed_seq, cp_group)
 
     @functools.lru_cache(maxsize=32)  # as megatron's own forward
-    def _table(self, max_seq_len: int, offset: int, packed_seq: bool, cp_group) -> tuple[torch.Tensor, float]:
+    def _sliced(self, max_seq_len: int, offset: int, packed_seq: bool, cp_group) -> tuple[torch.Tensor, float]:
         emb, temperature = self.get_emb(max_seq_len, offset)
         cp_group = cp_group if cp_group is not None else self.cp_group
         if cp_group is not None and cp_group.size() > 1 and not packed_seq:
             emb = emb[cp_local_positions(max_seq_len, cp_group.size(), cp_group.rank(), emb.device)]
         return emb, temperature
 
-    forward.cache_clear = _table.cache_clear  # megatron's __init__ clears its forward's cache
+    forward.cache_clear = _sliced.cache_clear  # megatron's __init__ clears its forward's cache
 
 
 def rotary_embedding(rope: RopeConfig, kv_channels: int, cp_group=None) -> torch.nn.Module:

@@ -51,7 +51,7 @@ from megarope import checkpoint, compat, config as configuration, data, lineage,
 from megarope.errors import UsageError
 from megarope.files import atomic_files
 from megarope.memory import model_parameters
-from megarope.optim import (CHECKPOINT_METADATA, make_optimizer, make_scheduler, optimizer_kind,
+from megarope.optim import (CHECKPOINT_METADATA, make_ddp_config, make_optimizer, make_scheduler, optimizer_kind,
                             reshards_across_model_parallel)
 from megarope.signals import StopSignals
 
@@ -71,8 +71,9 @@ class Accelerator:
 
 
 def this_accelerator() -> Accelerator | None:
-    """This machine's GPU, or None on a CPU."""
-    if not torch.cuda.is_available():
+    """The GPU this process trains on, or None on a CPU (also where MEGAROPE_DEVICE=cpu keeps a GPU machine's
+    run on the CPU: asked before parallel.init applies that choice)."""
+    if not compat.uses_cuda():
         return None
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
     return Accelerator(props.name, (props.major, props.minor), props.total_memory / 1e9)
@@ -163,6 +164,23 @@ def check_fp8_shapes(preset, cfg: configuration.Config) -> None:
     bad = [f"{name} = {size}" for name, size in dims.items() if size % 16]
     if bad:
         raise UsageError(f"train.fp8: FP8 GEMMs need weight dimensions divisible by 16; {', '.join(bad)} (TP {p.tp})")
+
+
+def loss_plan(cfg: configuration.Config, preset, dp: int, dtype: str):
+    """train.loss for this run: (full logits or not, the estimate it was decided from, the banner's line).
+    "auto" decides from the memory estimate against parallel.gpu_memory_gb, as the dry run checks the layout:
+    from the config alone, so every rank (and the dry run) decides the same."""
+    from megarope import memory
+    from megarope.loss import DEFAULT_CHUNK
+
+    p, t = cfg.parallel, cfg.train
+    estimate = memory.estimate_training_memory(preset, tp=p.tp, cp=p.cp, pp=p.pp, dp=dp, seq_len=t.seq_len,
+                                               micro_batch=t.micro_batch,
+                                               num_micro=t.global_batch // (t.micro_batch * dp), dtype=dtype)
+    full, why = memory.choose_loss(estimate, t.recompute, p.gpu_memory_gb * memory.GB, t.loss)
+    what = ("full logits, the output GEMM once" if full else
+            f"chunked, {DEFAULT_CHUNK:,} tokens' logits at a time, recomputed in the backward pass")
+    return full, estimate, f"loss: {what} ({why})"
 
 
 # ----------------------------------------------------------------------------------------------- state
@@ -427,6 +445,7 @@ class Trainer:
         self.packer = None  # built with the dataset (build)
         self.lineage = self._lineage()
         self.num_micro = cfg.train.global_batch // (cfg.train.micro_batch * layout.dp)
+        self.full_logits, _, self.loss_line = loss_plan(cfg, self.preset, layout.dp, dtype)
 
     def _lineage(self, longest_document: int | None = None) -> lineage.Lineage:
         """The pretraining this run descends from (the resumed run's, else init.from's), carried forward;
@@ -461,8 +480,7 @@ class Trainer:
     # -- building
     def build(self) -> None:
         from megatron.core import parallel_state
-        from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
-                                               finalize_model_grads)
+        from megatron.core.distributed import DistributedDataParallel, finalize_model_grads
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         from megarope.model import build_model_chunks
@@ -480,9 +498,9 @@ class Trainer:
             raise UsageError(f"cannot build the model: {e}") from None
         config = self.chunks[0].config  # one TransformerConfig, shared by the chunks
         config.calculate_per_token_loss = True  # see the module docstring; DDP reads it when built
-        gpu = torch.cuda.is_available()
-        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=gpu,
-                                                   use_distributed_optimizer=gpu)
+        resumed = checkpoint.read_train_state(self.resume_dir) if self.resume_dir else None
+        ddp_config = make_ddp_config(torch.cuda.is_available(), resumed)  # a resume keeps the checkpoint's buckets
+        self.bucket_size = ddp_config.bucket_size
         self.ddps = []
         for i, chunk in enumerate(self.chunks):
             # as megatron's training does: one bucket for all but the first chunk (their sync is not overlapped)
@@ -499,11 +517,10 @@ class Trainer:
         self.forward_backward = get_forward_backward_func()
         self.dataset = data.build_gpt_dataset(self.sources, t.seq_len, t.steps * t.global_batch, t.seed,
                                               self.tokenizer, cache_dir=cfg.data.cache_dir, **cfg.data.documents())
-        p = cfg.parallel
         self.packer = packing.Packing(
             cfg.data.reset_position_ids, cfg.data.reset_attention_mask, self.tokenizer.eod, cfg.model.backend,
             self.layout.cp, parallel_state.get_context_parallel_rank(),
-            packing.thd_multiple(self.layout.cp, self.layout.tp, p.sequence_parallel, bool(t.fp8)))
+            packing.thd_multiple(self.layout.cp, self.layout.tp, cfg.parallel.sequence_parallel, bool(t.fp8)))
 
     # -- one step
     def _forward_step(self, data_iterator, model):
@@ -515,7 +532,7 @@ class Trainer:
 
         batch = next(data_iterator)
         output = token_losses(model, batch["tokens"], batch["labels"], batch["position_ids"], with_accuracy=False,
-                              packed_seq_params=batch.get("packed_seq_params"))
+                              full_logits=self.full_logits, packed_seq_params=batch.get("packed_seq_params"))
         if get_attr_wrapped_model(model, "post_process") and isinstance(output, tuple):
             output = output[0]  # (losses, accuracy or None): the loss is what the schedule back-propagates
         return output, functools.partial(token_loss_sum, batch["loss_mask"])
@@ -584,7 +601,8 @@ class Trainer:
         train_state = {"consumed_samples": state.consumed_samples, "tokens": state.consumed_samples * cfg.train.seq_len,
                        "nan_skips": state.nan_skips, "loss": state.loss, "scheduler": self.scheduler.state_dict(),
                        "longest_document": longest,
-                       "optimizer": self.optimizer_kind, "precision": self._precision(),
+                       "optimizer": self.optimizer_kind, "ddp_bucket_size": self.bucket_size,
+                       "precision": self._precision(),
                        "layout": {"tp": layout.tp, "cp": layout.cp, "pp": layout.pp, "vpp": layout.vpp,
                                   "dp": layout.dp, "world": layout.world},
                        "data": self.data_fingerprint, "config": cfg.to_dict()}
@@ -651,6 +669,8 @@ class Trainer:
                 f"recorded in each checkpoint)")
 
     def banner(self, start: str) -> None:
+        from megarope.loss import cross_entropy_name
+
         cfg, t, p = self.cfg, self.cfg.train, self.preset
         lines = [
             f"megarope train: {self.layout.describe()}"
@@ -666,6 +686,7 @@ class Trainer:
             f"{t.micro_batch} per data-parallel rank, megatron's {self.forward_backward.__name__}), AdamW lr {t.lr:g}, "
             f"warmup {t.warmup_steps}, {t.lr_decay_style} to {t.min_lr:g}, clip {t.clip_grad:g}, "
             f"optimizer {self.optimizer_kind}",
+            self.loss_line + (f"; cross entropy: {cross_entropy_name(parallel.device())}" if self.full_logits else ""),
             f"RoPE: base {self.rope.base:g}, train_len {self.rope.train_len}"
             + (", dynamic NTK" if self.rope.dynamic_ntk else "")
             + (f", log-scaled from {self.rope.log_scale_ref}" if self.rope.log_scale_ref else ""),
@@ -748,8 +769,7 @@ def dry_run(cfg: configuration.Config, world: int | None = None) -> tuple[str, s
     check_layout(cfg, preset, layout)
     dtype = resolve_dtype(cfg, gpu)
     num_micro = t.global_batch // (t.micro_batch * layout.dp)
-    estimate = memory.estimate_training_memory(preset, tp=p.tp, cp=p.cp, pp=p.pp, dp=layout.dp, seq_len=t.seq_len,
-                                               micro_batch=t.micro_batch, num_micro=num_micro, dtype=dtype)
+    full_logits, estimate, loss_line = loss_plan(cfg, preset, layout.dp, dtype)
     stages = memory.stage_parameters(preset, p.tp, p.pp)
     gb = memory.GB
     rows = [("weights", f"{dtype}", estimate.weights),
@@ -758,6 +778,8 @@ def dry_run(cfg: configuration.Config, world: int | None = None) -> tuple[str, s
                                 f"{layout.dp * p.cp})", estimate.optimizer),
             ("activations", f"recompute off, {estimate.in_flight} micro batch(es) in flight", estimate.activations),
             ("activations", "recompute on", estimate.activations_recompute),
+            ("loss", f"{'full logits' if full_logits else 'chunked'}, one micro batch's",
+             estimate.loss_full if full_logits else estimate.loss_chunked),
             ("workspace", "CUDA context, NCCL, allocator (an allowance)", estimate.workspace)]
     lines = [f"dry run: {layout.describe()}, {num_micro} micro batches of {t.micro_batch} x {t.seq_len} tokens "
              f"per data-parallel rank",
@@ -768,11 +790,12 @@ def dry_run(cfg: configuration.Config, world: int | None = None) -> tuple[str, s
              f"parallel.gpu_memory_gb = {p.gpu_memory_gb:g}):",
              *(f"  {what:<16} {value / gb:7.1f}  {detail}" for what, detail, value in rows)]
     for recompute in (False, True):
-        total = estimate.total(recompute)
+        total = estimate.total(recompute, full_logits)
         chosen = " <- this config" if recompute == t.recompute else ""
         verdict = "fits" if total <= p.gpu_memory_gb * gb else "does NOT fit"
         lines.append(f"  total, recompute {'on ' if recompute else 'off'} {total / gb:7.1f}  {verdict}{chosen}")
-    needed = estimate.total(t.recompute)
+    lines.append(loss_line)
+    needed = estimate.total(t.recompute, full_logits)
     refusal = None
     if needed > p.gpu_memory_gb * gb:
         refusal = (f"the layout needs an estimated {needed / gb:.1f} GB per GPU with train.recompute "
@@ -877,8 +900,9 @@ def check_data(resume_dir: str, fingerprint: list[dict] | None) -> None:
 def check_resume(cfg: configuration.Config, resume_dir: str, precision: dict, layout: parallel.Layout) -> None:
     """A run continues only what it started: same optimizer kind, batch, length, RoPE, backend and
     numerics; the layout may change where the optimizer's checkpoint format reshards (DP and CP always,
-    TP and PP with the CPU optimizer; see optim.CHECKPOINT_METADATA). To start something new from a
-    checkpoint's weights, use init.from."""
+    the resume keeping the checkpoint's gradient buckets, optim.ddp_bucket_size; TP and PP with the CPU
+    optimizer; see optim.CHECKPOINT_METADATA). To start something new from a checkpoint's weights, use
+    init.from."""
     from megarope.rope import RopeConfig
 
     saved = checkpoint.read_train_state(resume_dir)

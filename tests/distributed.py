@@ -32,6 +32,17 @@ def _worker(fn, rank, world, port, queue, args, kwargs):
         parallel.destroy()
 
 
+def start_with_short_default_timeout(seconds: float) -> None:
+    """Start this worker's default process group (before parallel.init, which then joins it) with a timeout of
+    ``seconds``: a collective of the default group that waits longer fails, as NCCL's watchdog ends one that
+    waits longer than its 10 minutes on GPUs. What megarope waits for on its host-side group does not."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", timeout=timedelta(seconds=seconds))
+
+
 def run_distributed(fn, world_size: int, *args, timeout: float = 600, **kwargs) -> list:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()

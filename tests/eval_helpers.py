@@ -1,9 +1,13 @@
-"""What the evaluation tests share: a random toy checkpoint and real text of known sizes."""
+"""What the evaluation tests share: a random toy checkpoint, real text of known sizes, a command stopped by
+SIGTERM once it has written its first result, and what a rerun scores again."""
 
+import json
 import os
 import signal
+import subprocess
 import sys
 import sysconfig
+import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLI = [sys.executable, "-m", "megarope"]
@@ -49,3 +53,32 @@ def count_scoring_calls(monkeypatch, signal_at: int | None = None, signum=signal
 
     monkeypatch.setattr(scoring, "score_sequences", counted)
     return calls
+
+
+def sigterm_once_written(args: list[str], path) -> tuple[int, str]:
+    """Run `megarope ARGS`, send it SIGTERM as soon as ``path`` exists; its exit status and stderr."""
+    proc = subprocess.Popen([*CLI, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not os.path.exists(path) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill() if proc.poll() is None else None
+    return proc.returncode, stderr
+
+
+def scored_again(evaluate, out, calls: list, other_settings: dict) -> list[int]:
+    """The scoring calls a rerun (``evaluate()``) makes when ``out`` holds a finished evaluation, then when it holds
+    an unfinished one of ``other_settings``: neither is resumed."""
+    from megarope.eval.runs import UNFINISHED
+
+    counts = []
+    for unfinished in (None, {"settings": other_settings, "stopped": "SIGTERM"}):
+        if unfinished:
+            (out / UNFINISHED).write_text(json.dumps(unfinished))
+        calls.clear()
+        evaluate()
+        counts.append(len(calls))
+    return counts

@@ -219,3 +219,38 @@ def test_one_run_at_a_time_and_a_killed_holder_leaves_no_stale_lock(tmp_path):
         proc.wait()
     with checkpoint.run_lock(str(root)):  # the kernel let go of it with the process: nothing stale
         assert (root / checkpoint.LOCK).read_text().startswith(f"pid {os.getpid()} on ")
+
+
+def _save_with_a_slow_writer(root):
+    """Rank 0 (the one that writes a replicated model's shards) takes 8 s to write them; the default group
+    (standing in for NCCL) waits 5 s at most."""
+    import time
+
+    from distributed import start_with_short_default_timeout
+
+    start_with_short_default_timeout(5)
+    parallel.init()
+    model = _model(3)
+    fsync = os.fsync
+
+    def slow_fsync(fd):
+        os.fsync = fsync
+        time.sleep(8)
+        return fsync(fd)
+
+    if torch.distributed.get_rank() == 0:
+        os.fsync = slow_fsync  # megatron's writer syncs each file it wrote
+    checkpoint.save_model(model, os.path.join(root, "ckpt"), checkpoint.model_meta(model))
+    return checkpoint.verify_checkpoint(os.path.join(root, "ckpt"))
+
+
+@pytest.mark.slow
+def test_a_save_waits_for_its_slowest_writer_on_the_long_wait_group(tmp_path):
+    """megatron's save waits for every rank's shards in a barrier of the default group (NCCL's, with its
+    10-minute watchdog, on GPUs): with the default group's timeout shorter than the slow rank's write, that
+    failed; the ranks now meet on the host-side group first. (The long wait is AsyncRequest.execute_sync's
+    barrier, right after each rank's write, not the closing barrier of dist_checkpointing.save, which only
+    follows rank 0's small metadata write.)"""
+    from distributed import run_distributed
+
+    assert run_distributed(_save_with_a_slow_writer, 2, str(tmp_path), timeout=300) == [None, None]

@@ -157,6 +157,80 @@ def test_in_memory_equals_converted(models):
     assert not any(p.name.startswith(".") for p in hf.parent.iterdir())  # nothing written beside it
 
 
+# ---------------------------------------------------------------------------- reading an HF directory once
+VARIANTS = [None, {"base": 1e4}, {"base": 50.0}]  # RoPE variants of one checkpoint: the same weights
+
+
+def _variants_from_one_reading(hf_dir, tokens):
+    """At TP=2, then at CP=2: each variant's logits on this rank and the bytes this rank has read after it."""
+    from megarope import convert as conv, parallel
+
+    out = {}
+    for layout in ("tp", "cp"):
+        parallel.init(**{layout: 2})
+        hf, local = conv.HFCheckpoint(hf_dir), _local_batch(tokens)
+        for i, overrides in enumerate(VARIANTS):
+            with torch.no_grad():
+                out[layout, i] = hf.model("local", overrides).eval()(local["tokens"], local["position_ids"], None)
+            out[layout, i, "bytes"] = hf.source.weights.bytes_read
+    return out
+
+
+def _tensor_bytes(hf_dir) -> tuple[int, int]:
+    """(bytes of every tensor of the directory, bytes of the 1-D ones: the norms, which every TP rank holds)."""
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(hf_dir, "model.safetensors"), "pt") as f:
+        tensors = [f.get_tensor(k) for k in f.keys()]
+    return sum(t.nbytes for t in tensors), sum(t.nbytes for t in tensors if t.dim() == 1)
+
+
+@pytest.mark.slow
+def test_an_hf_directory_is_read_once_for_all_variants_each_rank_its_tp_shard_one_rank_per_cp_group(models):
+    """load_hf read every tensor whole on every rank, again for each variant: a 7B in 4 variants on 8 GPUs
+    read 32 full copies. Now each TP rank reads its shard and one rank of a CP (or DP) group reads for it,
+    once for every variant; the logits are those of a model loaded whole."""
+    from megarope import convert as conv, parallel
+
+    model, hf_dir, _, _, expected = models["llama2"]
+    r0, r1 = run_distributed(_variants_from_one_reading, 2, str(hf_dir), tokens_for())
+    total, norms = _tensor_bytes(hf_dir)
+    for layout in ("tp", "cp"):
+        read = [[r[layout, i, "bytes"] for i in range(len(VARIANTS))] for r in (r0, r1)]
+        assert all(len(set(rank)) == 1 for rank in read), read  # nothing more read for the second variant
+    assert r0["tp", 0, "bytes"] + r1["tp", 0, "bytes"] == total + norms  # the shards, and the norms on each
+    assert max(r0["tp", 0, "bytes"], r1["tp", 0, "bytes"]) < 0.6 * total
+    assert (r0["cp", 0, "bytes"], r1["cp", 0, "bytes"]) == (total, 0)  # rank 1 received rank 0's weights
+    parallel.init()
+    for i, overrides in enumerate(VARIANTS):
+        whole = conv.load_hf(str(hf_dir), rope_overrides=overrides)[0].eval()
+        with torch.no_grad():
+            alone = whole(tokens_for(), torch.arange(SEQ).expand(2, SEQ), None)
+        assert close(torch.cat([r0["tp", i], r1["tp", i]], dim=-1), alone[..., :VOCAB]), i
+        assert close(assemble_cp([r0["cp", i], r1["cp", i]]), alone[..., :VOCAB]), i
+        assert close(alone, expected) == (i == 0)  # transformers' model is the as-trained one
+
+
+def test_eval_of_an_hf_directory_in_several_variants_reads_it_once(models, monkeypatch):
+    from megarope import convert as conv
+    from megarope.eval import perplexity
+
+    from eval_helpers import corpus_texts
+
+    _, hf_dir, _, _, _ = models["llama2"]
+    read, counted = conv.HFWeights.read, []
+
+    def counting(self, name, index=None):
+        tensor = read(self, name, index)
+        counted.append(tensor.nbytes)
+        return tensor
+
+    monkeypatch.setattr(conv.HFWeights, "read", counting)
+    records = perplexity.run([str(hf_dir)], corpus_texts(), [64], ["as-trained", "base=1e4", "base=50"], verbose=False)
+    assert len(records) == 3 and len({r["loss"] for r in records}) == 3
+    assert sum(counted) == _tensor_bytes(hf_dir)[0]  # one reading of every tensor, not one per variant
+
+
 @pytest.mark.parametrize("rope", [
     {"rope_type": "linear", "factor": 2.0},
     {"rope_type": "dynamic", "factor": 2.0},

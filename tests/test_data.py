@@ -1,6 +1,7 @@
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
 
@@ -357,6 +358,62 @@ def test_build_gpt_dataset_bad_inputs(two_prefixes, tmp_path):
         data.build_gpt_dataset([(a, 1.0), (a, 0.0)], 32, 10, 0, "bytes")
     with pytest.raises(UsageError, match="split"):
         data.build_gpt_dataset(a, 32, 10, 0, "bytes", split_name="dev")
+
+
+def _build_on_two_ranks(prefix, root):
+    """Each rank's outcome of three builds: rank 0 slow to write the index cache, a cache directory that is
+    another one on each rank (as a node-local one is on each node), and one that rank 0 cannot write."""
+    import time
+
+    import torch.distributed as dist
+
+    from distributed import start_with_short_default_timeout
+    from megarope import parallel
+
+    start_with_short_default_timeout(5)
+    parallel.init()
+    rank, out = dist.get_rank(), {}
+    save = np.save
+
+    def slow_save(*args, **kwargs):  # rank 0 writes the indices for longer than the default group waits
+        time.sleep(8)
+        return save(*args, **kwargs)
+
+    np.save = slow_save if rank == 0 else save
+    ds = data.build_gpt_dataset(prefix, 64, 40, 1234, "bytes", cache_dir=os.path.join(root, "shared"))
+    np.save = save
+    out["samples"] = [ds[i]["tokens"].tolist() for i in (0, 17, 39)]
+    for name, cache_dir in (("node_local", os.path.join(root, f"rank{rank}")),
+                            ("unwritable", os.path.join(root, "a_file", "cache"))):
+        try:
+            data.build_gpt_dataset(prefix, 64, 40, 1234, "bytes", cache_dir=cache_dir)
+            out[name] = "built"
+        except (UsageError, RuntimeError) as e:
+            out[name] = f"{type(e).__name__}: {e}"
+    return out
+
+
+@pytest.mark.slow
+def test_under_torch_distributed_rank_0_builds_first_and_every_rank_must_see_its_cache(tmp_path):
+    """megatron builds the indices on rank 0 while the others wait in a barrier of the default group (NCCL's
+    on GPUs, with its 10-minute watchdog), and then the others read rank 0's cache: a rank that cannot see it
+    failed with FileNotFoundError, and a failure on rank 0 left the others waiting. Now rank 0 builds first
+    while the others wait on the host-side group, a cache rank 1 cannot see is one line on every rank, and
+    so is a cache rank 0 cannot write."""
+    from distributed import run_distributed
+
+    prefix = data.preprocess([write_jsonl(tmp_path / "c.jsonl", toy_texts(100))], "bytes", str(tmp_path / "ds"))["prefix"]
+    (tmp_path / "a_file").write_text("not a directory")
+    results = run_distributed(_build_on_two_ranks, 2, prefix, str(tmp_path), timeout=300)
+    alone = data.build_gpt_dataset(prefix, 64, 40, 1234, "bytes", cache_dir=str(tmp_path / "alone"))
+    assert results[0]["samples"] == results[1]["samples"] == [alone[i]["tokens"].tolist() for i in (0, 17, 39)]
+    assert results[1]["node_local"].startswith(f"UsageError: rank 1 (on {socket.gethostname()}) does not see the "
+                                               f"dataset indices rank 0 wrote to {tmp_path / 'rank1'}")
+    assert "set data.cache_dir to one" in results[1]["node_local"]
+    assert results[0]["node_local"] == "UsageError: another rank stopped on bad input (see its message)"
+    assert results[0]["unwritable"].startswith(f"UsageError: cannot write megatron's dataset index cache to "
+                                               f"{tmp_path / 'a_file' / 'cache'}")
+    assert results[1]["unwritable"] == "UsageError: another rank stopped on bad input (see its message)"
 
 
 # ----------------------------------------------------------------------------------------------- CLI

@@ -88,3 +88,14 @@ def test_cli_max_memory_refuses_before_loading_anything(tmp_path):
                          str(tmp_path / "ok")], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr
     assert len(json.loads((tmp_path / "ok" / "results.json").read_text())) == 1
+
+
+def test_a_7b_model_scores_512k_tokens_on_one_80_gb_gpu():
+    """llama2-7b at 512K: the MLP runs in chunks, so no [S x ffn] tensor is whole; what stays whole per layer is
+    the QKV projection's output, q and k after RoPE and the attention's output (the attention reads all of K/V)."""
+    seven_b, length = get_preset("llama2-7b"), 2**19
+    est = estimate_eval_memory(seven_b, length, 2)
+    assert est["peak"] < 0.8 * 80e9 and max(est, key=lambda k: est[k] if k != "peak" else 0) == "attention"
+    whole = estimate_eval_memory(seven_b, length, 2, mlp_chunk=None)["mlp"]  # fc1's [S x 2 ffn] and the rest
+    assert whole > 5 * length * seven_b.ffn_hidden_size * 2 > 3 * est["mlp"]
+    assert check_max_memory({"7b": seven_b}, [length], 80, 2) == "auto"

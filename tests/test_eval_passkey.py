@@ -9,7 +9,7 @@ import sysconfig
 
 import pytest
 import torch
-from eval_helpers import REPO, save_toy_checkpoint
+from eval_helpers import REPO, save_toy_checkpoint, scored_again
 
 
 @pytest.fixture(scope="module")
@@ -108,3 +108,72 @@ def test_cli_bad_inputs(toy_ckpt, tmp_path):
         if proc.returncode != 2 or len(lines) != 1 or cases[name][1] not in lines[0]:
             failures.append(f"{name}: rc {proc.returncode}, stderr {stderr!r}")
     assert not failures, "\n".join(failures)
+
+
+# ----------------------------------------------------------------------------------------------- stop signals
+def test_a_signal_stops_before_the_next_batch_and_a_rerun_resumes_the_lengths_left(toy_ckpt, tmp_path, monkeypatch):
+    """As `megarope eval` does: SIGTERM during the first batch after a length is on disk; that length's pass
+    records nothing, Stopped says so, unfinished.json the signal; resume goes on with what is left, to the
+    results of a run that never stopped. A finished run, or one of other settings, is not resumed."""
+    import signal
+
+    from megarope.eval import passkey, runs, scoring
+    from megarope.signals import Stopped
+
+    out = tmp_path / "pk"
+    args = dict(checkpoint=toy_ckpt, lengths=[256, 512, 1024], depths=[0.0, 1.0], trials=2, batch_tokens=512,
+                verbose=False)
+    reference = passkey.run(**args)
+    score, calls, signalled = scoring.score_sequences, [], []
+
+    def signalled_once_a_length_is_on_disk(model, ids, **kwargs):
+        calls.append(tuple(ids.shape))
+        if (out / "passkey.json").exists() and not signalled:
+            signalled.append(os.kill(os.getpid(), signal.SIGTERM))  # in the first of 512's 4 batches
+        return score(model, ids, **kwargs)
+
+    monkeypatch.setattr(scoring, "score_sequences", signalled_once_a_length_is_on_disk)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Stopped, match=rf"stopped by SIGTERM with 1 of 3 lengths done \(in {out}/passkey.json\); "
+                                      r"run the same command to resume") as e:
+        passkey.run(**args, out_dir=str(out), resume=True)
+    assert e.value.exit_code == 128 + signal.SIGTERM and signal.getsignal(signal.SIGTERM) is before
+    assert calls == [(2, 256), (2, 256), (1, 512)]  # the batch under way finished; no other started
+    assert json.loads((out / "passkey.json").read_text())["lengths"] == [256]
+    assert json.loads((out / runs.UNFINISHED).read_text())["stopped"] == "SIGTERM"
+
+    calls.clear()
+    resumed = passkey.run(**args, out_dir=str(out), resume=True)
+    assert calls == [(1, 512)] * 4 + [(1, 1024)] * 4  # 512 again, then 1024
+    assert resumed == reference == json.loads((out / "passkey.json").read_text())
+    assert not (out / runs.UNFINISHED).exists() and (out / "passkey.png").exists()
+
+    assert scored_again(lambda: passkey.run(**args, out_dir=str(out), resume=True), out, calls, {"seed": 1}) == [10, 10]
+
+
+@pytest.mark.slow
+def test_passkey_cli_stops_on_sigterm_with_its_status_and_the_same_command_resumes(toy_ckpt, tmp_path):
+    """`megarope passkey`, SIGTERM once its first length is on disk: one line, exit 128 + SIGTERM; the same
+    command then finishes, each length once, equal to a run that never stopped."""
+    import signal
+
+    from eval_helpers import sigterm_once_written
+    from megarope.eval import passkey
+
+    out = tmp_path / "pk"
+    args = ["passkey", "--checkpoint", toy_ckpt, "--lengths", "512,1K,2K,4K", "--depths", "0,0.5,1", "--trials", "3",
+            "--out", str(out)]
+    returncode, stderr = sigterm_once_written(args, out / "passkey.json")
+    assert returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    done = json.loads((out / "passkey.json").read_text())["lengths"]
+    assert 1 <= len(done) < 4
+    said = [line for line in stderr.splitlines() if line.startswith("megarope")]
+    assert said == [f"megarope passkey: stopped by SIGTERM with {len(done)} of 4 lengths done (in {out}/passkey.json); "
+                    f"run the same command to resume"]
+
+    rerun = subprocess.run([sys.executable, "-m", "megarope", *args], cwd=REPO, capture_output=True, text=True,
+                           timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"resuming: {len(done)} of 4 lengths are in {out}/passkey.json" in rerun.stdout
+    reference = passkey.run(toy_ckpt, [512, 1024, 2048, 4096], [0.0, 0.5, 1.0], 3, verbose=False)
+    assert json.loads((out / "passkey.json").read_text()) == reference

@@ -10,13 +10,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
-from eval_helpers import CLI, REPO, corpus_texts, save_toy_checkpoint
+from eval_helpers import CLI, REPO, corpus_texts, save_toy_checkpoint, scored_again, sigterm_once_written
 
-from megarope.eval import perplexity
+from megarope.eval import perplexity, runs
 
 
 @pytest.fixture(scope="module")
@@ -274,22 +273,18 @@ def test_a_signal_stops_before_the_next_batch_and_a_rerun_resumes_what_is_left(t
     assert e.value.exit_code == 128 + signal.SIGTERM and signal.getsignal(signal.SIGTERM) is before
     assert calls == [256, 256, 512]  # the batch under way finished; no other started
     assert [(r["run"], r["length"]) for r in perplexity.read_results(str(out))] == [("ckpt:dynamic-ntk", 256)]
-    assert json.loads((out / perplexity.UNFINISHED).read_text())["stopped"] == "SIGTERM"
+    assert json.loads((out / runs.UNFINISHED).read_text())["stopped"] == "SIGTERM"
 
     calls.clear()
     resumed = perplexity.run(**args, out_dir=str(out), resume=None)
     assert calls == [512] * 6  # dynamic-ntk at 512 again, then as-trained's one pass for both lengths
     assert _values(resumed) == _values(reference)
     assert _values(perplexity.read_results(str(out))) == _values(reference)
-    assert not (out / perplexity.UNFINISHED).exists()
+    assert not (out / runs.UNFINISHED).exists()
 
     # a finished evaluation is not resumed, nor an unfinished one of other documents: all is evaluated again
-    for unfinished in (None, {"settings": {"documents": "others"}, "stopped": "SIGTERM"}):
-        if unfinished:
-            (out / perplexity.UNFINISHED).write_text(json.dumps(unfinished))
-        calls.clear()
-        perplexity.run(**args, out_dir=str(out), resume=None)
-        assert len(calls) == 8
+    assert scored_again(lambda: perplexity.run(**args, out_dir=str(out), resume=None), out, calls,
+                        {"documents": "others"}) == [8, 8]
 
 
 @pytest.mark.slow
@@ -299,16 +294,8 @@ def test_eval_cli_stops_on_sigterm_with_its_status_and_the_same_command_resumes(
     out = tmp_path / "out"
     args = ["eval", "--checkpoint", toy_ckpt, "--data", data_file, "--lengths", "512,1K,2K",
             "--variants", "dynamic-ntk,as-trained,base=1e5", "--out", str(out)]
-    proc = subprocess.Popen([*CLI, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 240
-        while not (out / "results.json").exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        stdout, stderr = proc.communicate(timeout=120)
-    finally:
-        proc.kill() if proc.poll() is None else None
-    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    returncode, stderr = sigterm_once_written(args, out / "results.json")
+    assert returncode == 128 + signal.SIGTERM, stderr[-3000:]
     done = json.loads((out / "results.json").read_text())
     assert 1 <= len(done) < 9
     said = [line for line in stderr.splitlines() if line.startswith("megarope")]

@@ -38,7 +38,23 @@ def test_the_estimate_adds_up():
     assert m.activations == 4 * 20 * per_layer
     assert m.activations_recompute == 4 * 20 * 8192 * 8192 * 2 // 8 + per_layer
     assert m.total(True) < m.total(False)
-    assert m.total(False) == m.weights + m.gradients + m.optimizer + m.activations + m.workspace
+    assert m.total(False) == m.weights + m.gradients + m.optimizer + m.activations + m.workspace + m.loss_chunked
+    # the last stage's logits: 8192 tokens per CP rank x 4000 vocabulary rows per TP rank, bf16 + the fp32 buffer
+    assert m.loss_full == 8192 * 4000 * (2 + 4) and m.loss_chunked == 4096 * 4000 * (2 + 4)
+    assert m.total(False, full_logits=True) - m.total(False) == m.loss_full - m.loss_chunked
     fp32 = memory.estimate_training_memory(p, tp=8, cp=2, pp=4, dp=2, seq_len=16384, micro_batch=1, num_micro=2,
                                            dtype="fp32")
     assert fp32.optimizer == 8 * fp32.parameters / 4 and fp32.in_flight == 2  # no separate masters; 2 micro batches
+
+
+def test_the_loss_takes_full_logits_where_they_fit_and_chunks_where_they_do_not():
+    p = get_preset("llama-1b")
+    m = memory.estimate_training_memory(p, tp=1, cp=1, pp=1, dp=1, seq_len=131072, micro_batch=1, num_micro=1,
+                                        dtype="bf16")
+    assert m.loss_full == 131072 * 32000 * 6  # 25 GB of logits and cross-entropy buffer at 128K
+    with_full = m.total(True, full_logits=True)
+    assert memory.choose_loss(m, True, with_full)[0] is True
+    full, why = memory.choose_loss(m, True, with_full - 1)
+    assert full is False and f"full logits ({m.loss_full / 1e9:.1f} GB) would not fit" in why
+    assert memory.choose_loss(m, True, with_full - 1, forced="full") == (True, "train.loss: full")
+    assert memory.choose_loss(m, True, 1e15, forced="chunked") == (False, "train.loss: chunked")

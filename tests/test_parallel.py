@@ -91,3 +91,58 @@ def test_fail_together_in_one_process_raises_its_own_error_only():
         with parallel.fail_together():
             raise UsageError("mine")
     parallel.wait_for_all()  # a world of one waits for nobody
+
+
+# ----------------------------------------------------------------------------------------------- GPUs
+def test_each_rank_takes_its_own_gpu_or_the_one_it_is_given():
+    assert [parallel.cuda_device(r, 8) for r in range(8)] == list(range(8))  # torchrun: every rank sees 8
+    assert parallel.cuda_device(5, 1) == 0  # srun --gpus-per-task=1: each task sees its own GPU as device 0
+    with pytest.raises(UsageError, match="local rank 4 has no GPU of its own: this process sees 2 GPUs"):
+        parallel.cuda_device(4, 2)
+
+
+def test_srun_with_one_gpu_bound_per_task_starts_nccl_on_device_0(monkeypatch):
+    """Plain srun, rank 1 of 2 on its node with one GPU bound to it: set_device(SLURM_LOCALID = 1) was an
+    invalid ordinal there; init takes device 0 and starts NCCL with Slurm's rank and world."""
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in (("SLURM_PROCID", "1"), ("SLURM_NTASKS", "2"), ("SLURM_LOCALID", "1"),
+                       ("MASTER_ADDR", "node0"), ("MASTER_PORT", "29500")):
+        monkeypatch.setenv(var, value)
+    devices, started = [], []
+
+    class Started(Exception):
+        pass
+
+    def init_process_group(backend, **kwargs):
+        started.append((backend, kwargs["rank"], kwargs["world_size"], kwargs["init_method"]))
+        raise Started  # stop here: there is no rank 0 to meet
+
+    monkeypatch.setattr(parallel.compat, "uses_cuda", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", devices.append)
+    monkeypatch.setattr(parallel.dist, "init_process_group", init_process_group)
+    with pytest.raises(Started):
+        parallel.init()
+    assert devices == [0] and started == [("nccl", 1, 2, None)]
+
+    monkeypatch.delenv("MASTER_PORT")  # env:// needs it: one line instead of torch's
+    with pytest.raises(UsageError, match="MASTER_ADDR is set but MASTER_PORT is not"):
+        parallel.init()
+
+
+def test_on_gpus_each_pipeline_stage_seeds_as_megatrons_training_does(monkeypatch):
+    """megatron/training/initialize.py seeds stage p with seed + 100 p; megarope seeded every stage alike, so on
+    GPUs (where each stage draws its own weights on the GPU) later stages repeated the first one's draws. On a
+    CPU the seed stays the same on every stage: the weights are drawn whole there (see model.build_model)."""
+    parallel.init()
+    parallel.seed_everything(1234)
+    assert torch.initial_seed() == 1234
+    seeds = []
+    monkeypatch.setattr(parallel.compat, "uses_cuda", lambda: True)
+    monkeypatch.setattr(parallel.tensor_parallel, "model_parallel_cuda_manual_seed", seeds.append)
+    for stage in (0, 1, 3):
+        monkeypatch.setattr(parallel.parallel_state, "get_pipeline_model_parallel_rank", lambda stage=stage: stage)
+        parallel.seed_everything(1234)
+        assert torch.initial_seed() == 1234 + 100 * stage
+    assert seeds == [1234, 1334, 1534]

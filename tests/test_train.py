@@ -433,6 +433,7 @@ def test_train_state_records_the_optimizer_format_numerics_and_layout(reference)
     assert CHECKPOINT_METADATA["distrib_optim_sharding_type"] == "dp_reshardable"
     assert state["precision"] == {"backend": "local", "dtype": "fp32", "fp8": None, "fp8_recipe": None}
     assert state["layout"] == {"tp": 1, "cp": 1, "pp": 1, "vpp": None, "dp": 1, "world": 1}
+    assert state["ddp_bucket_size"] is None  # one bucket on a CPU; GPUs record optim.DDP_BUCKET_SIZE
     assert state["config"]["train"]["dtype"] == "auto"  # as written; the resolved dtype is the one above
     trained = checkpoint.read_meta(step)["trained"]
     assert (trained["dtype"], trained["backend"], trained["fp8"]) == ("fp32", "local", None)
@@ -489,6 +490,24 @@ def test_gpu_checks_before_anything_starts(corpus, tmp_path):
     train.check_config(cfg("data.reset_position_ids=true", "rope.dynamic_ntk=true", "rope.train_len=32"), None)
 
 
+def test_megarope_device_cpu_on_a_gpu_machine_is_checked_as_a_cpu_run(corpus, tmp_path, monkeypatch):
+    """MEGAROPE_DEVICE=cpu is read before the checks: "auto" is fp32 and te is refused, as on a CPU (it was read
+    only in parallel.init, after the checks had taken the GPU for the one the run trains on)."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda _: SimpleNamespace(name="NVIDIA H100 80GB HBM3", major=9, minor=0, total_memory=85e9))
+    monkeypatch.delenv("MEGAROPE_DEVICE")
+    assert train.this_accelerator() == H100
+    monkeypatch.setenv("MEGAROPE_DEVICE", "cpu")
+    assert train.this_accelerator() is None
+    with pytest.raises(UsageError, match="model.backend te and train.fp8 need a GPU"):
+        train.run(make_cfg(corpus, tmp_path / "run", "model.backend=te"), progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 # ----------------------------------------------------------------------------------------------- dry run
 LLAMA_70B = os.path.join(REPO, "examples", "llama2_70b_base1e6_16k.yaml")
 
@@ -500,6 +519,26 @@ def test_the_70b_example_passes_its_dry_run(capsys):
     assert "fits <- this config" in out
     for part in ("weights", "gradients", "optimizer shard", "recompute off", "recompute on", "workspace"):
         assert part in out
+
+
+def test_the_loss_is_full_where_the_logits_fit_chunked_where_not_and_the_config_forces_either(capsys):
+    """train.loss: auto decides from the memory estimate against parallel.gpu_memory_gb; the dry run and the
+    banner say which."""
+    def plan(*overrides):
+        cfg = config.load_config(LLAMA_70B, list(overrides))
+        return train.loss_plan(cfg, get_preset("llama2-70b"), 2, "bf16")
+
+    full, estimate, line = plan()
+    assert full and line.startswith("loss: full logits") and "of 80.0 GB" in line
+    needed = estimate.total(False, full_logits=True) / 1e9
+    full, _, line = plan(f"parallel.gpu_memory_gb={needed - 0.01}")
+    assert not full and line.startswith("loss: chunked") and "would not fit" in line
+    assert plan(f"parallel.gpu_memory_gb={needed - 0.01}", "train.loss=full")[0]
+    full, _, line = plan("train.loss=chunked")
+    assert not full and line.endswith("(train.loss: chunked)")
+    assert main(["train", LLAMA_70B, "train.loss=chunked", "--dry-run", "--world", "128"]) == 0
+    out = capsys.readouterr().out
+    assert "  loss  " in out and "chunked, one micro batch's" in out and "(train.loss: chunked)" in out
 
 
 def test_a_dry_run_refuses_a_layout_that_does_not_fit(capsys):
@@ -539,13 +578,13 @@ def test_sigterm_saves_at_the_end_of_the_step_and_a_restart_continues(corpus, tm
 KILL_DURING_SAVE = textwrap.dedent("""
     import sys, time
     from megarope import checkpoint, config, train
-    real = checkpoint.dist_checkpointing.save
-    def save_then_hang(state, directory, *args, **kwargs):
-        real(state, directory, *args, **kwargs)
+    real = checkpoint._dist_save  # each save of a sharded state (dist_checkpointing's)
+    def save_then_hang(state, directory):
+        real(state, directory)
         if ".step_0000004.partial" in directory and directory.endswith("optimizer"):
             open(sys.argv[2], "w").close()  # step 4's model and optimizer are on disk, the rest is not
             time.sleep(600)
-    checkpoint.dist_checkpointing.save = save_then_hang
+    checkpoint._dist_save = save_then_hang
     train.run(config.load_config(sys.argv[1]), progress=False)
 """)
 
@@ -726,6 +765,30 @@ def test_torchrun_cp2_trains_stops_on_sigterm_and_resumes(corpus, reference, tmp
     assert [m["step"] for m in metrics(ckpt)] == list(range(1, stopped + 2))
 
 
+def test_torchrun_sh_checks_the_config_and_sets_what_megatron_wants_with_tp_or_cp(corpus, tmp_path):
+    """launch/torchrun.sh reads the config before it starts torchrun: a bad one is one line and exit 2, and
+    TP or CP > 1 gets CUDA_DEVICE_MAX_CONNECTIONS=1 (config.launch_environment) unless it was set already."""
+    fake = tmp_path / "python"  # the interpreter the script runs: the real one for its check, a stub for torchrun
+    fake.write_text(f'#!/bin/sh\nif [ "$1" = "-" ]; then exec {sys.executable} "$@"; fi\n'
+                    'echo "CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-unset} $*"\n')
+    fake.chmod(0o755)
+    path = write_yaml(make_cfg(corpus, tmp_path / "run"), tmp_path / "c.yaml")
+    base = {k: v for k, v in cli_env().items() if k != "CUDA_DEVICE_MAX_CONNECTIONS"}
+
+    def launch(*args, **env):
+        return subprocess.run([os.path.join(REPO, "launch", "torchrun.sh"), "2", path, *args], capture_output=True,
+                              text=True, env={**base, "PYTHON": str(fake), **env}, timeout=120)
+
+    for overrides, expected in ((["parallel.cp=2", "--no-progress"], "1"), (["parallel.tp=2"], "1"), ([], "unset")):
+        started = launch(*overrides)
+        assert started.returncode == 0, started.stderr
+        assert started.stdout.startswith(f"CUDA_DEVICE_MAX_CONNECTIONS={expected} -m torch.distributed.run"), overrides
+    assert launch("parallel.cp=2", CUDA_DEVICE_MAX_CONNECTIONS="8").stdout.startswith("CUDA_DEVICE_MAX_CONNECTIONS=8")
+    bad = launch("parallel.tp=0")
+    assert (bad.returncode, bad.stdout) == (2, "") and len(bad.stderr.strip().splitlines()) == 1
+    assert bad.stderr.startswith("megarope: error: ") and "parallel.tp" in bad.stderr
+
+
 @pytest.mark.slow
 def test_toy_example_runs_from_nothing(tmp_path, capsys):
     """`megarope train examples/toy_cpu.yaml` prepares its data on first use (shortened to 3 steps)."""
@@ -734,6 +797,8 @@ def test_toy_example_runs_from_nothing(tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "world 1 = TP 1 x CP 1 x PP 1 x DP 1" in out and "critical dimension d_extra = 12" in out
+    assert "loss: full logits, the output GEMM once (they fit" in out
+    assert "cross entropy: megatron's vocab_parallel_cross_entropy" in out
     assert os.path.exists(tmp_path / "data" / "train.bin") and latest_step(tmp_path / "toy") == 3
     assert os.listdir(tmp_path / "toy" / "tensorboard")
 

@@ -18,15 +18,25 @@ an estimate: no GPU has run it yet):
   MLP phase: the hidden state after attention and its norm (8.6 GB), chunks of 32K tokens:
     32K x 5 x 5632 x 2 B (1.8 GB), the chunks' outputs gathered (4.3 GB)  = 14.7 GB
     (unchunked the MLP alone would be 1M x 5 x 5632 x 2 B = 59 GB: the reason for chunking)
-  loss phase: the final norm's output, a 4096 x 32000 fp32 logits chunk x3 =  5.9 GB
+  loss phase: the final norm's output (4.3 GB), one 4096-token chunk's logits buffer
+    in bf16 and its fp32 log-softmax (0.8 GB; loss.py's scoring path)     =  5.1 GB
   rotary table (fp32) and token ids                                        =  0.3 GB
   peak ~ weights + residual + max(attention, MLP, loss) + table           = 38.5 GB
 so a single H100 80GB holds 1M tokens with room to spare, and about 2M before it is full; beyond
-that, CP splits the sequence. Under CP every per-token term divides by CP; what the context-parallel
-attention adds is its fp32 merge buffers (the running output and one part's weighted output) and
+that, CP splits the sequence. (On an H200 the 2-layer version of this shape peaked at 1M at 0.885 of its
+estimate: the GPU validation's long_eval.) Under CP every per-token term divides by CP; what the
+context-parallel attention adds is its fp32 merge buffers (the running output and one part's weighted output) and
 K/V: all of them with the all-gather (S x 2 x kv_heads x head_dim), two ranks' worth with the ring.
 Compute is the real limit at 1M: the attention is ~ 4 * 22 layers * 2048 * (1M)^2 / 2 FLOPs ~ 1e17,
-minutes on one H100.
+minutes on one H100 (the 2-layer shape, 9e15 FLOPs, took 22.5 s on an H200).
+
+llama2-7b (32 layers, hidden 4096, 32 heads of 128 without GQA, ffn 11008) at 512K tokens:
+weights 13.5 GB, residual 8.6 GB, attention phase 38.7 GB (the normed input 4.3 GB, QKV 12.9 GB,
+RoPE'd q/k 8.6 GB and its temporaries, the core output 4.3 GB), MLP phase 16.5 GB (32K-token chunks:
+3.6 GB each), loss 5.2 GB: peak 61.0 GB, so one 80 GB GPU holds it (benchmarks/gpu_long_eval.py
+scores it there). Per layer only [S x hidden]-wide tensors are ever whole: the QKV projection's
+output, q and k after RoPE and the attention's output, which the attention kernel needs whole (it
+reads all of K/V for every query); the MLP, whose fc1 output is [S x 2 ffn], never is.
 """
 
 from __future__ import annotations
@@ -76,7 +86,8 @@ def estimate_eval_memory(preset, length: int, dtype_bytes: int = 2, tp: int = 1,
         "residual": int(2 * stream),
         "attention": int(stream + core),  # + the normed input
         "mlp": int(2 * stream + mlp),  # + the hidden state after attention and its norm
-        "loss": int(stream + min(s, loss_chunk) * (vocab / tp * 4 * 3 + h * 4)),  # + the final norm's output
+        # + the final norm's output; one chunk's logits buffer (dtype) and, below fp32, its fp32 log-softmax (loss.py)
+        "loss": int(stream + min(length // cp, loss_chunk) * sequences * (vocab / tp * (b + 4 * (b != 4)) + h * 4)),
         "rotary_and_ids": int(s * hd * 4 + 3 * s * 8 + s * 5),  # this rank's fp32 table; tokens, labels, positions
     }
     parts["peak"] = (parts["weights"] + parts["residual"] + max(parts["attention"], parts["mlp"], parts["loss"])

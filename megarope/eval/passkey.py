@@ -25,6 +25,8 @@ score_sequences, the same core perplexity uses, with its CP split and bounded me
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import random
 from collections.abc import Sequence
@@ -37,6 +39,7 @@ from megarope.errors import UsageError
 from megarope.eval import memory, runs, scoring
 from megarope.eval.variants import variants_from_flags
 from megarope.files import write_json_atomic
+from megarope.signals import Stopped
 from megarope.trust import FOREIGN, Trust
 
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -125,12 +128,19 @@ def run(checkpoint: str, lengths: Sequence[int], depths: Sequence[float] = (0.0,
         rope_base: float | None = None, dynamic_ntk: bool = False, log_scale_ref: int | None = None,
         seed: int = 0, bos: bool = True, backend: str | None = None, dtype: torch.dtype | None = None,
         batch_tokens: int = scoring.BATCH_TOKENS, max_memory: float | None = None, cp_comm: str = "auto",
-        trust: Trust = FOREIGN, verbose: bool = True) -> dict:
+        resume: bool = False, trust: Trust = FOREIGN, verbose: bool = True) -> dict:
     """Passkey accuracy of one checkpoint (in one RoPE variant) at each length x depth.
 
     Returns {"run", "checkpoint", "variant", "lengths", "depths", "trials", "accuracy" [depth][length],
-    "digit_accuracy" [depth][length], "records": [...]}; with ``out_dir``, rank 0 writes passkey.json and
-    passkey.png (the heatmap) there. ``max_memory``, ``cp_comm`` and ``trust`` as in eval.perplexity.run.
+    "digit_accuracy" [depth][length], "records": [...]}; with ``out_dir``, rank 0 writes passkey.json there as
+    each length completes (the lengths done so far), then passkey.png (the heatmap). ``max_memory``,
+    ``cp_comm`` and ``trust`` as in eval.perplexity.run.
+
+    It stops and resumes as `megarope eval` does (runs.StopAndResume): SIGTERM, SIGINT and SIGUSR1 (in the main
+    thread) stop every rank before its next batch of prompts, and signals.Stopped is raised on every rank; a
+    length whose pass is interrupted records nothing. With ``resume`` (what `megarope passkey` passes), an
+    unfinished run in out_dir with the same checkpoint, variant, tokenizer, keys and numerics goes on at its
+    next unscored length.
     """
     lengths = scoring.check_lengths(lengths, tp, cp)
     depths = list(dict.fromkeys(float(d) for d in depths))
@@ -150,42 +160,90 @@ def run(checkpoint: str, lengths: Sequence[int], depths: Sequence[float] = (0.0,
         raise UsageError(f"passkey length {too_short[0]} is too short: the prompt needs at least "
                          f"{builder.overhead()} tokens with tokenizer {r.tokenizer.spec}")
     keys = make_keys(lengths, depths, trials, seed)
-
-    own_init = parallel.ensure(tp, cp)
-    main = parallel.is_main()  # decided now: after the teardown below every rank would look like rank 0
-
-    def evaluate(_: runs.Run, model) -> list[dict]:
-        records = []
-        for n in lengths:
-            prompts = [(d, t, builder.build(n, d, keys[n, d, t])) for d in depths for t in range(trials)]
-            scores = score_prompts(model, [p for _, _, p in prompts], batch_tokens=batch_tokens)
-            for d in depths:
-                mine = [s for (dd, _, _), s in zip(prompts, scores) if dd == d]
-                records.append({"length": n, "depth": d, "trials": trials,
-                                "accuracy": sum(ok for ok, _ in mine) / trials,
-                                "digit_accuracy": sum(frac for _, frac in mine) / trials})
-            if verbose and main:
-                row = "  ".join(f"{rec['depth']:g}: {rec['accuracy']:.2f}" for rec in records if rec["length"] == n)
-                print(f"{r.name} @ {n}: accuracy by depth  {row}", flush=True)
-        return records
-
-    try:
-        ((_, records),) = runs.each_run([r], evaluate, backend, dtype, cp_comm)
-    finally:
-        if own_init:
-            parallel.destroy()
-    cell = {(rec["depth"], rec["length"]): rec for rec in records}
-    result = {"run": r.name, "checkpoint": r.checkpoint, "variant": variant.name, "tokenizer": r.tokenizer.spec,
-              "lengths": lengths, "depths": depths, "trials": trials, "seed": seed,
-              "scoring": "teacher-forced argmax of every answer token (= greedy decoding's exact match)",
-              "accuracy": [[cell[d, n]["accuracy"] for n in lengths] for d in depths],
-              "digit_accuracy": [[cell[d, n]["digit_accuracy"] for n in lengths] for d in depths],
-              "records": records}
-    if out_dir and main:
+    settings = {"checkpoint": r.checkpoint, "variant": variant.name, "tokenizer": r.tokenizer.digest,
+                "lengths": lengths, "depths": depths, "trials": trials, "seed": seed, "bos": bos,
+                "backend": backend, "dtype": str(dtype)}
+    job = runs.StopAndResume(out_dir, settings if out_dir else None)
+    kept = _read_records(out_dir) if resume and job.resumable else []
+    summary = functools.partial(_summary, r, variant.name, depths, trials, seed)
+    with job:
+        records = _run(r, builder, keys, lengths, depths, trials, kept, job, summary, out_dir, tp=tp, cp=cp,
+                       backend=backend, dtype=dtype, batch_tokens=batch_tokens, cp_comm=cp_comm, verbose=verbose)
+    result = summary(records)
+    if out_dir and job.main:
         os.makedirs(out_dir, exist_ok=True)
         write_json_atomic(os.path.join(out_dir, "passkey.json"), result)
         plots.passkey_heatmap(lengths, depths, result["accuracy"], os.path.join(out_dir, "passkey.png"),
                               title=f"Passkey retrieval: {r.name}")
         if verbose:
             print(f"results in {out_dir}/passkey.json and passkey.png")
+    job.finish()
     return result
+
+
+def _run(r: runs.Run, builder: PromptBuilder, keys: dict, lengths, depths, trials, kept: list[dict],
+         job: runs.StopAndResume, summary, out_dir, *, tp, cp, backend, dtype, batch_tokens, cp_comm,
+         verbose) -> list[dict]:
+    """The records of every length, ``kept`` ones first: each length's prompts in batches, a stop checked
+    before each (and before the model is loaded); passkey.json rewritten as each length completes."""
+    todo = [n for n in lengths if n not in {rec["length"] for rec in kept}]
+    records = list(kept)
+
+    def evaluate(_: runs.Run, model) -> None:
+        for n in todo:
+            prompts = [(d, t, builder.build(n, d, keys[n, d, t])) for d in depths for t in range(trials)]
+            per_batch = max(1, batch_tokens // n)
+            scores = []
+            for start in range(0, len(prompts), per_batch):
+                job.check()  # collective: every rank stops before the same batch
+                scores += score_prompts(model, [p for _, _, p in prompts[start:start + per_batch]],
+                                        batch_tokens=batch_tokens)
+            for d in depths:
+                mine = [s for (dd, _, _), s in zip(prompts, scores) if dd == d]
+                records.append({"length": n, "depth": d, "trials": trials,
+                                "accuracy": sum(ok for ok, _ in mine) / trials,
+                                "digit_accuracy": sum(frac for _, frac in mine) / trials})
+            if out_dir and job.main:
+                job.mark_unfinished()
+                write_json_atomic(os.path.join(out_dir, "passkey.json"), summary(records))
+            if verbose and job.main:
+                row = "  ".join(f"{rec['depth']:g}: {rec['accuracy']:.2f}" for rec in records if rec["length"] == n)
+                print(f"{r.name} @ {n}: accuracy by depth  {row}", flush=True)
+
+    if verbose and job.main and kept:
+        print(f"resuming: {len(lengths) - len(todo)} of {len(lengths)} lengths are in {out_dir}/passkey.json",
+              flush=True)
+    own_init = parallel.ensure(tp, cp)
+    try:
+        if todo:
+            job.check()
+            for _ in runs.each_run([r], evaluate, backend, dtype, cp_comm):
+                pass
+    except Stopped as e:
+        done = len({rec["length"] for rec in records})
+        raise job.stopped(e, f"{done} of {len(lengths)} lengths", "passkey.json") from None
+    finally:
+        if own_init:
+            parallel.destroy()
+    return sorted(records, key=lambda rec: (lengths.index(rec["length"]), depths.index(rec["depth"])))
+
+
+def _summary(r: runs.Run, variant: str, depths, trials, seed, records: list[dict]) -> dict:
+    """passkey.json: the run, and accuracy [depth][length] over the lengths ``records`` hold."""
+    lengths = list(dict.fromkeys(rec["length"] for rec in records))
+    cell = {(rec["depth"], rec["length"]): rec for rec in records}
+    return {"run": r.name, "checkpoint": r.checkpoint, "variant": variant, "tokenizer": r.tokenizer.spec,
+            "lengths": lengths, "depths": depths, "trials": trials, "seed": seed,
+            "scoring": "teacher-forced argmax of every answer token (= greedy decoding's exact match)",
+            "accuracy": [[cell[d, n]["accuracy"] for n in lengths] for d in depths],
+            "digit_accuracy": [[cell[d, n]["digit_accuracy"] for n in lengths] for d in depths],
+            "records": records}
+
+
+def _read_records(out_dir: str) -> list[dict]:
+    """The records of the lengths an earlier, unfinished run wrote to out_dir/passkey.json."""
+    try:
+        with open(os.path.join(out_dir, "passkey.json")) as f:
+            return json.load(f)["records"]
+    except (OSError, ValueError, KeyError):
+        return []

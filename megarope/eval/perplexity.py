@@ -31,7 +31,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from megarope import lineage, parallel, plots
-from megarope.signals import StopSignals, Stopped
+from megarope.signals import Stopped
 from megarope.errors import UsageError
 from megarope.eval import documents, memory, metrics, runs, scoring
 from megarope.eval.variants import Variant, variants_from_flags
@@ -45,10 +45,6 @@ CSV_FIELDS = ["run", "checkpoint", "variant", "base", "effective_base", "length"
               "n_skipped", "n_tokens", "window", "stride", "predicted_bound", "regime", "measured_break", "tokens_per_s",
               "buckets"]
 RESUME_KEYS = ("checkpoint", "variant", "window", "stride", "tokenizer")  # what a reusable record must share
-# In out_dir while an evaluation is under way (or was stopped, or died): what it evaluates, and whether a
-# stop signal ended it. A run with resume=None resumes only such an evaluation of the same settings.
-UNFINISHED = "unfinished.json"
-STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
 
 
 # ----------------------------------------------------------------------------------------------- one model
@@ -59,6 +55,10 @@ def _progress(total: int, label: str, show: bool):
 
 def _reduce_over_dp(sums: torch.Tensor, group, size: int) -> torch.Tensor:
     if size > 1:
+        # A rank without a last batch gets here while another scores its own (minutes at 1M tokens): the wait
+        # is on the host-side group, not inside the NCCL all-reduce, whose watchdog would end it after the
+        # data-parallel group's timeout (megatron's subgroups: 30 minutes; parallel.py).
+        parallel.wait_for_all()
         sums = sums.to(parallel.device())
         dist.all_reduce(sums, group=group)
     return sums.cpu()
@@ -331,14 +331,6 @@ def _settings(tokenized: dict, max_docs, bucket0, positions, backend, dtype) -> 
             "backend": backend, "dtype": str(dtype)}
 
 
-def _read_unfinished(out_dir: str | None) -> dict:
-    try:
-        with open(os.path.join(out_dir, UNFINISHED)) as f:
-            return json.load(f)
-    except (TypeError, OSError, ValueError):
-        return {}
-
-
 def run(checkpoints: Sequence[str] | str, docs_or_paths: Sequence, lengths: Sequence[int],
         variants: Sequence[str | Variant] | None = None, out_dir: str | None = None, *, tokenizer: str | None = None,
         tp: int = 1, cp: int = 1, rope_base: float | None = None, dynamic_ntk: bool = False,
@@ -384,20 +376,19 @@ def run(checkpoints: Sequence[str] | str, docs_or_paths: Sequence, lengths: Sequ
         cp_comm = memory.check_max_memory({r.label: r.preset for r in planned}, lengths, max_memory,
                                           torch.finfo(dtype).bits // 8, tp, cp, cp_comm, window, batch_tokens)
     tokenized = _tokenized_documents(planned, docs_or_paths, lengths, bos)
-    settings = _settings(tokenized, max_docs, bucket0, positions, backend, dtype) if out_dir else None
-    if resume is None:
-        resume = bool(out_dir) and _read_unfinished(out_dir).get("settings") == settings
-    with StopSignals(STOP_SIGNALS) as stop:
-        return _run(planned, tokenized, lengths, out_dir, settings, resume, stop, tp=tp, cp=cp, window=window,
-                    stride=stride, max_docs=max_docs, bucket0=bucket0, backend=backend, dtype=dtype,
-                    score_kwargs={"chunk": chunk, "mlp_chunk": mlp_chunk, "batch_tokens": batch_tokens},
+    job = runs.StopAndResume(out_dir, _settings(tokenized, max_docs, bucket0, positions, backend, dtype)
+                             if out_dir else None)
+    with job:
+        return _run(planned, tokenized, lengths, out_dir, job.resumable if resume is None else resume, job, tp=tp,
+                    cp=cp, window=window, stride=stride, max_docs=max_docs, bucket0=bucket0, backend=backend,
+                    dtype=dtype, score_kwargs={"chunk": chunk, "mlp_chunk": mlp_chunk, "batch_tokens": batch_tokens},
                     positions=positions, cp_comm=cp_comm, verbose=verbose)
 
 
-def _run(planned, tokenized, lengths, out_dir, settings, resume, stop, *, tp, cp, window, stride, max_docs,
-         bucket0, backend, dtype, score_kwargs, positions, cp_comm, verbose) -> list[dict]:
+def _run(planned, tokenized, lengths, out_dir, resume, job, *, tp, cp, window, stride, max_docs, bucket0, backend,
+         dtype, score_kwargs, positions, cp_comm, verbose) -> list[dict]:
     own_init = parallel.ensure(tp, cp)
-    main = parallel.is_main()  # decided now: after the teardown below every rank would look like rank 0
+    main = job.main
     order = {(r.name, L): k for k, (r, L) in enumerate((r, L) for r in planned for L in lengths)}
 
     def in_order(records: list[dict]) -> list[dict]:
@@ -406,13 +397,9 @@ def _run(planned, tokenized, lengths, out_dir, settings, resume, stop, *, tp, cp
     resumed = _resumable(out_dir, planned, lengths, window, stride) if resume and out_dir else ()
     total = len(planned) * len(lengths)
 
-    def mark_unfinished(stopped=None) -> None:
-        os.makedirs(out_dir, exist_ok=True)
-        write_json_atomic(os.path.join(out_dir, UNFINISHED), {"settings": settings, "stopped": stopped})
-
     def write(records: list[dict]) -> None:
         # out_dir is touched only once there is something to keep: a checkpoint refused at load leaves none
-        mark_unfinished()
+        job.mark_unfinished()
         write_results(in_order(records), out_dir, figures=False)
 
     log = runs.ResultLog(write if out_dir and main else None, resumed)
@@ -422,14 +409,10 @@ def _run(planned, tokenized, lengths, out_dir, settings, resume, stop, *, tp, cp
             print(f"resuming: {len(resumed)} of {total} (run, length) results are in {out_dir}/results.json",
                   flush=True)
 
-    def check_stop() -> None:  # one collective: every rank stops at the same batch, or none does
-        if parallel.any_rank(stop.received is not None):
-            raise Stopped(stop.received)
-
     def unscored():  # the runs with lengths left, each checked for a stop before its model is loaded
         for r in planned:
             if log.pending(r.name, lengths):
-                check_stop()
+                job.check()
                 yield r
 
     def evaluate(r: runs.Run, model) -> None:
@@ -444,25 +427,20 @@ def _run(planned, tokenized, lengths, out_dir, settings, resume, stop, *, tp, cp
         evaluate_model(model, tokenized[r.tokenizer.spec], log.pending(r.name, lengths), window, stride, max_docs,
                        bucket0, progress=r.name if verbose else None, positions=positions,
                        break_after=model.megarope_rope.train_len, on_record=on_record,
-                       check_stop=check_stop, **score_kwargs)
+                       check_stop=job.check, **score_kwargs)
 
     try:
         for _ in runs.each_run(unscored(), evaluate, backend, dtype, cp_comm):
             pass  # each record was logged, and written, as it completed
     except Stopped as e:
-        where = f" (in {out_dir}/results.json); run the same command to resume" if out_dir else ""
-        if out_dir and main:
-            mark_unfinished(stopped=e.signal or True)
-        raise Stopped(e.signal, f"stopped by {e.signal or 'a signal to another rank'} with {len(log.records)} of "
-                                f"{total} (run, length) results done{where}") from None
+        raise job.stopped(e, f"{len(log.records)} of {total} (run, length) results", "results.json") from None
     finally:
         if own_init:
             parallel.destroy()
     records = in_order(log.records)
     if out_dir and main:
         write_results(records, out_dir)
-        if os.path.exists(os.path.join(out_dir, UNFINISHED)):  # absent when every result was resumed
-            os.remove(os.path.join(out_dir, UNFINISHED))
+    job.finish()
     if verbose and main:
         print()
         print(format_table(records))

@@ -4,20 +4,22 @@ split, and the checkpoint loop that holds one model at a time.
 A *run* is one (checkpoint, variant) pair, named "<checkpoint label>:<variant>". RoPE has no weights,
 so every variant loads the same checkpoint with other RoPE settings. A checkpoint is a megarope
 checkpoint (verified against its manifest before it is loaded) or an HF model directory, converted in
-memory by convert.load_hf with the tokenizer found beside it -- nothing is written. The scaling law's
+memory by convert.HFCheckpoint with the tokenizer found beside it -- nothing is written. The scaling law's
 inputs come from the checkpoint's lineage (megarope.lineage).
 
 The loop (:func:`each_run`) loads a run's model, hands it to the caller's evaluation function, and
 frees it -- every reference dropped, garbage collected, the CUDA cache emptied -- before the next one
 is loaded: two resident 7B models would double the memory an evaluation needs. Results are kept in a
 :class:`ResultLog`, which writes them out as each (run, length) completes and knows which pairs an
-earlier, interrupted evaluation already finished, so a rerun can skip them.
+earlier, interrupted evaluation already finished, so a rerun can skip them. :class:`StopAndResume`
+is how an evaluation (`eval`, `passkey`) stops on a signal and how a rerun knows it may resume.
 """
 
 from __future__ import annotations
 
 import gc
 import importlib.util
+import json
 import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -26,11 +28,18 @@ from dataclasses import dataclass
 import torch
 from megatron.core import parallel_state
 
-from megarope import attention, checkpoint, convert, data, parallel
+from megarope import attention, checkpoint, compat, convert, data, parallel
 from megarope.errors import UsageError
 from megarope.eval.variants import Variant
+from megarope.files import write_json_atomic
 from megarope.model import Preset
+from megarope.signals import StopSignals, Stopped
 from megarope.trust import FOREIGN, Trust
+
+# In out_dir while an evaluation is under way (or was stopped, or died): what it evaluates, and whether a
+# stop signal ended it. A rerun resumes only such an evaluation of the same settings.
+UNFINISHED = "unfinished.json"
+EVAL_STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")  # training's, and Ctrl-C: what finished is kept
 
 
 @dataclass
@@ -59,7 +68,7 @@ class Run:
 
 # ----------------------------------------------------------------------------------------------- planning
 def is_hf_model(path: str) -> bool:
-    """An HF model directory (config.json, no megarope.json): evaluated converted in memory (convert.load_hf)."""
+    """An HF model directory (config.json, no megarope.json): evaluated converted in memory (convert.HFCheckpoint)."""
     return os.path.isfile(os.path.join(path, "config.json")) and not os.path.isfile(os.path.join(path, checkpoint.META))
 
 
@@ -148,8 +157,8 @@ def data_parallel() -> tuple[int, int, object]:
 
 # ----------------------------------------------------------------------------------------------- models
 def default_dtype() -> torch.dtype:
-    """bf16 on a GPU, fp32 on a CPU."""
-    return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    """bf16 on a GPU, fp32 on a CPU (MEGAROPE_DEVICE=cpu included, which may be asked before parallel.init)."""
+    return torch.bfloat16 if compat.uses_cuda() else torch.float32
 
 
 def pick_backend(backend: str | None, meta: dict) -> str:
@@ -163,15 +172,16 @@ def pick_backend(backend: str | None, meta: dict) -> str:
 
 
 def load_run_model(run: Run, backend: str | None = None, dtype: torch.dtype | None = None,
-                   cp_comm: str = "auto"):
+                   cp_comm: str = "auto", hf: convert.HFCheckpoint | None = None):
     """The run's model, rebuilt with the run's RoPE variant for the current parallel state: a megarope
-    checkpoint, or an HF directory converted in memory."""
+    checkpoint, or an HF directory converted in memory (from ``hf``, its weights as read for an earlier variant,
+    where given)."""
     overrides = run.variant.rope_overrides(run.meta["rope"])
     backend, dtype = pick_backend(backend, run.meta), dtype or default_dtype()
     with warnings.catch_warnings():  # torch.distributed.checkpoint and megatron warn about CPU/world-of-one loads
         warnings.filterwarnings("ignore", module=r"(torch\.distributed\.checkpoint|megatron)")
         if is_hf_model(run.checkpoint):
-            model, _ = convert.load_hf(run.checkpoint, backend, overrides, dtype=dtype)
+            model = (hf or convert.HFCheckpoint(run.checkpoint)).model(backend, overrides, dtype=dtype)
         else:
             model = checkpoint.build_from_checkpoint(run.checkpoint, backend=backend, rope_overrides=overrides,
                                                      trust=run.trust, dtype=dtype)
@@ -194,15 +204,22 @@ def each_run(runs: Iterable[Run], evaluate: Callable, backend: str | None = None
     model is loaded (``evaluate`` must not keep it). A megarope checkpoint is verified against its
     manifest (collective: the hashing is shared out over the ranks) before its first run loads it, once
     however many variants read it: a damaged file loads without complaint, and is one line here instead.
+    An HF directory's weights are read once for all its variants (convert.HFCheckpoint), and let go
+    when the runs move on to another checkpoint.
     """
-    verified = set()
+    verified, hf = set(), None
     for run in runs:
-        if run.checkpoint not in verified and not is_hf_model(run.checkpoint):
+        if hf is not None and hf.path != run.checkpoint:
+            hf = None
+            free_memory()
+        if is_hf_model(run.checkpoint):
+            hf = hf or convert.HFCheckpoint(run.checkpoint)
+        elif run.checkpoint not in verified:
             problem = checkpoint.verify_checkpoint(run.checkpoint)
             if problem:
                 raise UsageError(f"checkpoint {run.checkpoint}: {problem}")
             verified.add(run.checkpoint)
-        model = load_run_model(run, backend, dtype, cp_comm)
+        model = load_run_model(run, backend, dtype, cp_comm, hf)
         try:
             result = evaluate(run, model)
         finally:
@@ -234,3 +251,72 @@ class ResultLog:
         self.records.append(record)
         if self.write is not None:
             self.write(self.records)
+
+
+# ----------------------------------------------------------------------------------------------- stopping
+def read_unfinished(out_dir: str | None) -> dict:
+    """What out_dir's unfinished.json says ({} when there is none)."""
+    try:
+        with open(os.path.join(out_dir, UNFINISHED)) as f:
+            return json.load(f)
+    except (TypeError, OSError, ValueError):
+        return {}
+
+
+class StopAndResume:
+    """How an evaluation stops cleanly on a signal and resumes (`megarope eval` and `megarope passkey`).
+
+        job = StopAndResume(out_dir, settings)          # settings: everything that decides the results
+        keep = earlier_results(out_dir) if job.resumable else []
+        with job:                                        # SIGTERM, SIGINT, SIGUSR1 remembered, not fatal
+            try:
+                for unit in work:
+                    job.check()                          # collective: every rank stops before the same unit
+                    write_results(...); job.mark_unfinished()
+            except Stopped as e:
+                raise job.stopped(e, "2 of 5 lengths", "passkey.json") from None
+        job.finish()
+
+    While the evaluation runs, out_dir/unfinished.json holds its settings, and the signal once one stopped
+    it; ``resumable`` says whether out_dir held an unfinished evaluation of the same settings when the job
+    was made, whose finished results a rerun keeps. A unit that a stop interrupts records nothing. Rank 0
+    writes (decided when the job is made, from the launcher's rank where the parallel state is not up yet).
+    """
+
+    def __init__(self, out_dir: str | None, settings: dict | None):
+        self.out_dir, self.settings = out_dir, settings
+        self.resumable = bool(out_dir) and read_unfinished(out_dir).get("settings") == settings
+        self.main = parallel.is_main()
+        self._signals = StopSignals(EVAL_STOP_SIGNALS)
+
+    def __enter__(self):
+        self._signals.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._signals.__exit__(*exc)
+
+    def check(self) -> None:
+        """Raise signals.Stopped on every rank once a stop signal reached any rank (one collective, which every
+        rank must call as often)."""
+        if parallel.any_rank(self._signals.received is not None):
+            raise Stopped(self._signals.received)
+
+    def mark_unfinished(self, stopped: str | bool | None = None) -> None:
+        """Write unfinished.json (rank 0, with an out_dir): before the first result is written, and on a stop."""
+        if self.out_dir and self.main:
+            os.makedirs(self.out_dir, exist_ok=True)
+            write_json_atomic(os.path.join(self.out_dir, UNFINISHED), {"settings": self.settings, "stopped": stopped})
+
+    def stopped(self, e: Stopped, done: str, results: str) -> Stopped:
+        """The Stopped to raise once ``e`` ended the work: unfinished.json records the signal, and the message
+        says what is done (``done``, e.g. "2 of 5 lengths") and where (``results``, a file in out_dir)."""
+        self.mark_unfinished(stopped=e.signal or True)
+        where = f" (in {self.out_dir}/{results}); run the same command to resume" if self.out_dir else ""
+        return Stopped(e.signal, f"stopped by {e.signal or 'a signal to another rank'} with {done} done{where}")
+
+    def finish(self) -> None:
+        """The evaluation is complete: no unfinished.json is left (rank 0)."""
+        path = os.path.join(self.out_dir, UNFINISHED) if self.out_dir else None
+        if path and self.main and os.path.exists(path):  # absent when every result was resumed
+            os.remove(path)

@@ -1,4 +1,5 @@
-"""The Transformer Engine backend against the local one, and the loss on a GPU.
+"""The Transformer Engine backend against the local one, and the loss on a GPU (the fused cross entropy of the
+full-logits path against the chunked loss, and no host sync in either).
 
     python -m pytest -q tests/gpu          # on a GPU with Transformer Engine and megatron-core
 """
@@ -57,15 +58,19 @@ def test_a_checkpoint_of_one_backend_gives_the_same_logits_in_the_other(tmp_path
 
 
 @needs_cuda
-def test_a_training_step_never_waits_for_the_gpu_in_the_loss(record_property):
-    """torch's sync debug mode names every host sync: none may come from megarope/loss.py."""
+@pytest.mark.parametrize("full_logits", [True, False], ids=["full", "chunked"])
+def test_a_training_step_never_waits_for_the_gpu_in_the_loss(record_property, full_logits):
+    """torch's sync debug mode names every host sync: none may come from megarope/loss.py, nor from the fused
+    cross entropy it calls (Transformer Engine's backward compares its gradient with 1.0 on the host unless told
+    not to)."""
     parallel.init()
     model = build_model(get_preset("toy", max_seq_len=SEQ), RopeConfig(base=1e4, train_len=SEQ), BACKEND,
                         dtype=torch.bfloat16)
     tokens, labels = _batch()
+    record_property("cross_entropy", L.cross_entropy_name(tokens.device) if full_logits else "chunked")
 
     def step():
-        losses, correct = L.token_losses(model, tokens, labels, with_accuracy=False)
+        losses, correct = L.token_losses(model, tokens, labels, with_accuracy=False, full_logits=full_logits)
         L.mean_loss(losses, torch.ones_like(losses))[0].backward()
         return losses, correct
 
@@ -80,4 +85,41 @@ def test_a_training_step_never_waits_for_the_gpu_in_the_loss(record_property):
     syncs = sorted({f"{os.path.relpath(w.filename)}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)})
     record_property("host_syncs", syncs)
     assert correct is None and losses.dtype == torch.float32
-    assert not [s for s in syncs if "megarope/loss.py:" in s.replace(os.sep, "/")]
+    assert not [s for s in syncs if "megarope/loss.py:" in s.replace(os.sep, "/") or "cross_entropy" in s]
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_the_fused_cross_entropy_and_the_scoring_loss_equal_the_chunked_loss(record_property, dtype):
+    """The full path (one output GEMM, Transformer Engine's parallel_cross_entropy where TE is installed) against
+    the chunked one (megatron's vocab_parallel_cross_entropy over recomputed chunks): losses and gradients; and
+    the scoring path's losses. The toy vocabulary is padded (257 of 384 rows), so the padding's -inf is in all."""
+    parallel.init()
+    model = build_model(get_preset("toy", max_seq_len=SEQ), RopeConfig(base=1e4, train_len=SEQ), BACKEND,
+                        dtype=DTYPES[dtype])
+    tokens, labels = _batch()
+    record_property("cross_entropy", L.cross_entropy_name(tokens.device))
+    results = {}
+    for full_logits in (True, False):
+        model.zero_grad(set_to_none=True)
+        losses, _ = L.token_losses(model, tokens, labels, chunk=SEQ // 4, with_accuracy=False, full_logits=full_logits)
+        L.mean_loss(losses, torch.ones_like(losses))[0].backward()
+        grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[full_logits] = (losses.detach().float(), grads)
+    (full, full_grads), (chunked, chunked_grads) = results[True], results[False]
+    with torch.inference_mode():  # the scoring path: torch's log-softmax, in place in fp32
+        scored, _ = L.token_losses(model, tokens, labels, chunk=SEQ // 4, with_accuracy=False)
+    record_property("max_abs_scored_diff", float((scored - chunked).abs().max()))
+    assert full.dtype == scored.dtype == torch.float32 and full.shape == scored.shape == labels.shape
+    assert full_grads.keys() == chunked_grads.keys() and "output_layer.weight" in full_grads
+    worst = max(float((full_grads[n] - g).norm() / g.norm().clamp(min=1e-12)) for n, g in chunked_grads.items())
+    record_property("max_abs_loss_diff", float((full - chunked).abs().max()))
+    record_property("worst_relative_grad_diff", worst)
+    torch.testing.assert_close(scored, chunked, atol=1e-5, rtol=1e-5)  # the same chunks' logits, fp32 softmax
+    if dtype == "fp32":
+        torch.testing.assert_close(full, chunked, atol=1e-5, rtol=1e-5)
+        assert worst < 1e-4
+    else:  # bf16 logits from one GEMM or from chunks of it may round differently; the softmax is fp32 in both
+        assert abs(float(full.mean() - chunked.mean())) < 1e-3 * float(chunked.mean())
+        torch.testing.assert_close(full, chunked, atol=0.05, rtol=0.01)
+        assert worst < 0.02

@@ -2,8 +2,8 @@
 
 import torch
 
-from gpu_setup import step_losses, train_config
-from megarope import checkpoint, parallel, train
+from gpu_setup import CUDA, step_losses, train_config
+from megarope import checkpoint, optim, parallel, train
 
 
 def _weights(directory: str) -> dict:
@@ -26,7 +26,10 @@ def test_a_run_stopped_and_resumed_equals_one_that_never_stopped(tmp_path, toy_d
     parallel.destroy()
     assert rest["step"] == done["step"] == 4
 
-    record_property("optimizer", checkpoint.read_train_state(done["checkpoint"]).get("optimizer"))
+    saved = checkpoint.read_train_state(done["checkpoint"])
+    record_property("optimizer", saved.get("optimizer"))
+    # the pinned gradient bucket size, so that the distributed optimizer's state resumes at any DP
+    assert saved["ddp_bucket_size"] == (optim.DDP_BUCKET_SIZE if CUDA else None)
     expected, got = step_losses(full), step_losses(split)
     record_property("losses", expected)
     record_property("resumed_minus_uninterrupted", {s: got[s] - expected[s] for s in expected})
