@@ -89,9 +89,15 @@ class Documents(PackedSeqParams):
     table_lengths: tuple = ()
 
     def to(self, device) -> "Documents":
-        moved = {f.name: getattr(self, f.name).to(device, non_blocking=True)
-                 for f in dataclasses.fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
-        return dataclasses.replace(self, **moved)
+        """On ``device``; a tensor that several fields share stays shared (TE reads the THD cumulative lengths
+        being one tensor as: no padding between documents)."""
+        moved = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                moved.setdefault(id(value), value.to(device, non_blocking=True))
+        return dataclasses.replace(self, **{f.name: moved[id(getattr(self, f.name))] for f in dataclasses.fields(self)
+                                            if isinstance(getattr(self, f.name), torch.Tensor)})
 
 
 class Packing:

@@ -660,7 +660,7 @@ class Trainer:
         options = self.cfg.data.documents()
         named = ", ".join(f"{name} {'on' if on else 'off'}" for name, on in options.items())
         if not self.packer.active:
-            return f"documents: {named} (megatron's defaults: positions and attention run on across EOD)"
+            return f"documents: {named} (positions and attention run on across EOD)"
         te = self.cfg.model.backend == "te"
         how = ("attention inside each document, THD packing through Transformer Engine" if te
                else "attention inside each document, the others' keys skipped" if self.packer.separate

@@ -2,6 +2,7 @@
 chunks and their padding, read back by megatron's own THD RoPE), the local layout, the longest document."""
 
 import pytest
+import test_rope  # its FakeGroup: a CP group's size and rank
 import torch
 from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd, _apply_rotary_pos_emb_thd
 
@@ -9,17 +10,6 @@ from megarope import packing
 from megarope.rope import RopeConfig, RotaryEmbedding
 
 EOD = 256
-
-
-class FakeGroup:
-    def __init__(self, size, rank):
-        self._size, self._rank = size, rank
-
-    def size(self):
-        return self._size
-
-    def rank(self):
-        return self._rank
 
 
 def _micro_batch(rows: list[list[int]], length: int) -> dict:
@@ -66,8 +56,14 @@ def test_thd_layout_pads_each_document_and_keeps_te_s_chunks_on_each_rank(cp):
     assert all(n % unit == 0 and 0 <= n - r < unit for n, r in zip(lengths[:-1], real[:-1]))
     assert int(cu[-1]) % multiple == 0 and lengths[-1] >= real[-1]
     for local, documents in layouts:
-        # one tensor for the four: TE sees no padding between documents (it sits where causality hides it)
-        assert documents.cu_seqlens_q is documents.cu_seqlens_kv is documents.cu_seqlens_q_padded
+        # one tensor for the four, also on the device: TE sees no padding between documents (it sits where
+        # causality hides it)
+        moved = documents.to("meta")
+        for fields in (documents, moved):
+            cu_seqlens = fields.cu_seqlens_q
+            assert fields.cu_seqlens_kv is cu_seqlens and fields.cu_seqlens_q_padded is cu_seqlens
+            assert fields.cu_seqlens_kv_padded is cu_seqlens
+        assert moved.cu_seqlens_q.device.type == "meta" and moved.positions.device.type == "meta"
         assert documents.qkv_format == "thd" and documents.cu_seqlens_q.dtype == torch.int32
         assert documents.max_seqlen_q == max(lengths) and all(v.shape == (1, int(cu[-1]) // cp) for v in local.values())
     for rank, (local, _) in enumerate(layouts):
@@ -103,7 +99,8 @@ def test_megatrons_thd_rope_reads_our_layout_as_each_tokens_own_position(cp):
     for rank in range(cp):
         local, documents = packing.Packing(True, True, EOD, "te", cp, rank, 2 * cp).pack(batch)
         t = torch.randn(local["tokens"].shape[1], 2, 16, generator=torch.Generator().manual_seed(rank))
-        rotated = _apply_rotary_pos_emb_thd(t, documents.cu_seqlens_q_padded, table, cp_group=FakeGroup(cp, rank))
+        group = test_rope.FakeGroup(cp, rank)
+        rotated = _apply_rotary_pos_emb_thd(t, documents.cu_seqlens_q_padded, table, cp_group=group)
         expected = _apply_rotary_pos_emb_bshd(t[:, None], table[documents.positions])[:, 0]
         torch.testing.assert_close(rotated, expected)
 
