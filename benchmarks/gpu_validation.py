@@ -127,6 +127,17 @@ def _free() -> None:
         torch.cuda.empty_cache()
 
 
+def loaded_library_dirs(prefix: str) -> list[str]:
+    """The directories this process has loaded shared libraries named ``prefix*.so*`` from (Linux's
+    /proc/self/maps; [] elsewhere): two of them for cuDNN is a system cuDNN mixed with torch's wheel's."""
+    try:
+        with open("/proc/self/maps") as f:
+            maps = f.read()
+    except OSError:
+        return []
+    return sorted({os.path.dirname(path) for path in re.findall(rf"(/\S*/{re.escape(prefix)}\S*\.so\S*)", maps)})
+
+
 def child_environment(args, result: dict, save) -> None:
     import importlib.metadata as md
 
@@ -148,7 +159,11 @@ def child_environment(args, result: dict, save) -> None:
     if info["gpu"]:
         props = torch.cuda.get_device_properties(0)
         info.update(gpu_memory_gib=_gib(props.total_memory), capability=f"{props.major}.{props.minor}")
-    info["cudnn"] = torch.backends.cudnn.version()
+    try:
+        info["cudnn"] = torch.backends.cudnn.version()
+    except RuntimeError as e:  # torch's own check: the cuDNN loaded is not the one torch was built with
+        info["cudnn"] = _error_line(e)
+    info["cudnn_dirs"] = loaded_library_dirs("libcudnn")
     for package in ("transformer-engine", "transformer-engine-cu13", "transformer-engine-torch", "megatron-core"):
         try:
             info[package] = md.version(package)
@@ -159,6 +174,10 @@ def child_environment(args, result: dict, save) -> None:
     result["ok"] = args.dry or (info["gpu"] is not None and info["te_import"] == "ok")
     result["summary"] = (f"{info['gpu'] or 'no GPU'}; torch {info['torch']} (CUDA {info['cuda']}); TE "
                          f"{info['transformer-engine']} ({info['te_import']}); megatron-core {info['megatron-core']}")
+    if len(info["cudnn_dirs"]) > 1 or not isinstance(info["cudnn"], int):
+        # what the CLI runs with too (the first GPU runs trained and scored so); only torch's own cuDNN calls fail
+        result["summary"] += (f"; warning: cuDNN {info['cudnn']}, loaded from {', '.join(info['cudnn_dirs'])} "
+                              "(README, Troubleshooting)")
 
 
 def packed_against_alone(backend: str, dtype, lengths: list[int]) -> dict:

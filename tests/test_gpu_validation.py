@@ -71,7 +71,17 @@ class Seen:  # records every import of Transformer Engine that is tried (it is a
 
 sys.meta_path.insert(0, Seen())
 version = torch.backends.cudnn.version
-torch.backends.cudnn.version = lambda: events.append(("cudnn", "megatron.core" in sys.modules)) or version()
+MIXED = "cuDNN version incompatibility: PyTorch was compiled  against (9, 19, 0) but found runtime version (9, 14, 0)."
+
+
+def asked():
+    events.append(("cudnn", "megatron.core" in sys.modules))
+    if sys.argv[1:] == ["mixed"]:  # what torch said on the H200 once TE had loaded the system's sub-libraries
+        raise RuntimeError(MIXED)
+    return version()
+
+
+torch.backends.cudnn.version = asked
 sys.path.insert(0, "benchmarks")
 import gpu_validation
 
@@ -81,11 +91,14 @@ print(json.dumps({"events": events, "result": result}))
 """
 
 
-def test_the_environment_check_imports_transformer_engine_before_it_asks_for_cudnn():
+@pytest.mark.parametrize("loaded", ["torch's", "mixed"])
+def test_the_environment_check_imports_transformer_engine_before_it_asks_for_cudnn(loaded):
     """As the CLI does (torch, then megatron-core, which imports Transformer Engine): cuDNN initialised first made
-    TE load a system cuDNN's sub-libraries on the H200, where the CLI worked."""
+    TE load a system cuDNN's sub-libraries on the H200, where the CLI worked. Imported in this order, TE loaded
+    torch's libcudnn.so.9 with the system's sub-libraries there, and torch's own version check then refused: the
+    check reports that (and where cuDNN came from) and does not fail on it, as the CLI runs in that state."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)}
-    proc = subprocess.run([sys.executable, "-c", ORDER], cwd=REPO, env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", ORDER, loaded], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     seen = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -93,7 +106,13 @@ def test_the_environment_check_imports_transformer_engine_before_it_asks_for_cud
     cudnn = [k for k, e in enumerate(events) if isinstance(e, list)]
     assert len(cudnn) == 1 and events[cudnn[0]] == ["cudnn", True]  # asked once, with megatron-core imported
     assert "transformer_engine" in events[:cudnn[0]]  # and Transformer Engine's import tried before
-    assert seen["result"]["ok"] and "cudnn" in seen["result"]["environment"]
+    environment = seen["result"]["environment"]
+    assert seen["result"]["ok"] and isinstance(environment["cudnn_dirs"], list)
+    if loaded == "mixed":
+        assert environment["cudnn"].startswith("RuntimeError: cuDNN version incompatibility")
+        assert "warning: cuDNN RuntimeError: cuDNN version incompatibility" in seen["result"]["summary"]
+    else:
+        assert environment["cudnn"] is None or isinstance(environment["cudnn"], int)
 
 
 # ----------------------------------------------------------------------------------------------- multi_rank's logic

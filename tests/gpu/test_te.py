@@ -118,7 +118,12 @@ def test_the_fused_cross_entropy_and_the_scoring_loss_equal_the_chunked_loss(rec
     torch.testing.assert_close(scored, chunked, atol=1e-5, rtol=1e-5)  # the same chunks' logits, fp32 softmax
     if dtype == "fp32":
         torch.testing.assert_close(full, chunked, atol=1e-5, rtol=1e-5)
-        assert worst < 1e-4
+        # On the H200 the worst parameter's relative difference was 2.4e-4 while the losses agreed to 1e-5; on a
+        # CPU (local layers) the two paths agree to 2e-7. Transformer Engine's fp32 GEMMs round their inputs to
+        # TF32 (te and local logits differ by 4e-4 in fp32 there, test above), so the two cross entropies'
+        # 1e-7-apart gradients can round apart in the layers' backward GEMMs. A wrong gradient is off by far
+        # more (a missing chunk or a wrong scale: 1e-1 and up).
+        assert worst < 1e-3
     else:  # bf16 logits from one GEMM or from chunks of it may round differently; the softmax is fp32 in both
         assert abs(float(full.mean() - chunked.mean())) < 1e-3 * float(chunked.mean())
         torch.testing.assert_close(full, chunked, atol=0.05, rtol=0.01)
