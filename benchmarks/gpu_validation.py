@@ -180,40 +180,66 @@ def child_environment(args, result: dict, save) -> None:
                               "(README, Troubleshooting)")
 
 
-def packed_against_alone(backend: str, dtype, lengths: list[int]) -> dict:
-    """Documents of ``lengths`` tokens (random bytes, each ending in EOD) packed into one sequence through
-    megarope.packing (te: THD through Transformer Engine's attention; local: megarope's attention) against each
-    run on its own, per token: the largest loss difference, and the largest difference of the same tokens
-    unpacked (attention and positions running across documents), which the packed ones must not be near.
-    RoPE with log-scaled attention, so that each token's own position matters. tests/gpu/test_packed.py
-    asserts on it; the packed check reports it."""
-    import torch
-
-    from megarope import loss, packing, parallel
+def packed_model(backend: str, dtype, length: int):
+    """The packed check's model: the toy preset with 2 layers, RoPE with log-scaled attention (so that each token's
+    own position matters), the same weights wherever it is built (seed 1234) at the same layout."""
+    from megarope import parallel
     from megarope.model import build_model, get_preset
     from megarope.rope import RopeConfig
 
-    total, device = sum(lengths), parallel.device()
     parallel.seed_everything(1234)
-    model = build_model(get_preset("toy", num_layers=2, max_seq_len=total),
-                        RopeConfig(base=1e4, train_len=total, log_scale_ref=max(2, total // 8)), backend, dtype=dtype)
+    return build_model(get_preset("toy", num_layers=2, max_seq_len=length),
+                       RopeConfig(base=1e4, train_len=length, log_scale_ref=max(2, length // 8)), backend, dtype=dtype)
+
+
+def packed_documents(lengths: list[int]) -> dict:
+    """One row of documents of ``lengths`` tokens (random bytes, each ending in EOD) as the dataset gives them with
+    reset_position_ids: tokens, labels, loss_mask, position_ids, [1, sum(lengths)] each."""
+    import torch
+
     g = torch.Generator().manual_seed(0)
     tokens = torch.cat([torch.cat([torch.randint(0, 256, (n - 1,), generator=g), torch.tensor([256])])
                         for n in lengths])[None]
-    batch = {"tokens": tokens, "labels": torch.roll(tokens, -1, 1), "loss_mask": torch.ones(tokens.shape),
-             "position_ids": torch.cat([torch.arange(n) for n in lengths])[None]}
-    local, documents = packing.Packing(True, True, 256, backend).pack(batch)  # one process, one row: no padding
+    return {"tokens": tokens, "labels": torch.roll(tokens, -1, 1), "loss_mask": torch.ones(tokens.shape),
+            "position_ids": torch.cat([torch.arange(n) for n in lengths])[None]}
 
-    def losses(t, labels, **kwargs):
-        with torch.no_grad():
-            return loss.token_losses(model, t.to(device), labels.to(device), with_accuracy=False, **kwargs)[0].float()
 
-    packed = losses(local["tokens"], local["labels"], position_ids=local["position_ids"].to(device),
-                    packed_seq_params=documents.to(device))
+def model_losses(model, tokens, labels, **kwargs):
+    """Per-token fp32 losses of a forward pass without autograd (loss.token_losses' training path)."""
+    import torch
+
+    from megarope import loss, parallel
+
+    device = parallel.device()
+    with torch.no_grad():
+        return loss.token_losses(model, tokens.to(device), labels.to(device), with_accuracy=False, **kwargs)[0].float()
+
+
+def documents_alone(model, batch: dict, lengths: list[int]):
+    """[1, sum(lengths)]: each document of ``batch`` run on its own, per token."""
+    import torch
+
     starts = [0, *itertools.accumulate(lengths)]
-    alone = torch.cat([losses(tokens[:, a:b], batch["labels"][:, a:b]) for a, b in zip(starts, starts[1:])], dim=1)
-    crossing = losses(tokens, batch["labels"])
-    return {"backend": backend, "dtype": str(dtype).removeprefix("torch."), "tokens": total,
+    return torch.cat([model_losses(model, batch["tokens"][:, a:b], batch["labels"][:, a:b])
+                      for a, b in zip(starts, starts[1:])], dim=1)
+
+
+def packed_against_alone(backend: str, dtype, lengths: list[int]) -> dict:
+    """Documents of ``lengths`` tokens packed into one sequence through megarope.packing (te: THD through
+    Transformer Engine's attention; local: megarope's attention) against each run on its own, per token: the
+    largest loss difference, and the largest difference of the same tokens unpacked (attention and positions
+    running across documents), which the packed ones must not be near. tests/gpu/test_packed.py asserts on it;
+    the packed check reports it."""
+    from megarope import packing, parallel
+
+    model, batch = packed_model(backend, dtype, sum(lengths)), packed_documents(lengths)
+    local, documents = packing.Packing(True, True, 256, backend).pack(batch)  # one process, one row: no padding
+    device = parallel.device()
+    packed = model_losses(model, local["tokens"], local["labels"], position_ids=local["position_ids"].to(device),
+                          packed_seq_params=documents.to(device))
+    alone = documents_alone(model, batch, lengths)
+    crossing = model_losses(model, batch["tokens"], batch["labels"])
+    return {"backend": backend, "dtype": str(dtype).removeprefix("torch."), "tokens": sum(lengths),
             "max_abs_diff": float((packed - alone).abs().max()),
             "crossing_max_abs_diff": float((crossing - alone).abs().max()),
             "mean_loss": round(float(alone.mean()), 4)}

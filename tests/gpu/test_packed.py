@@ -9,8 +9,9 @@ at CP 1, 2 and 4 and TP 1 and 2, and training at CP 2 against each document alon
     at each token's own position) give the losses of each document alone (gpu_validation.packed_against_alone,
     which the validation's "packed" check reports);
   - megarope's CP core with documents through the CUDA kernels (each sub-part through attention.kernel_args);
+  - TE's THD path under CP = 2 (its DualChunkSwap per document, each document padded to a multiple of 4): two
+    ranks on the one GPU, each taken by NCCL for a host of its own (benchmarks/multi_rank.py's environment);
   - a te training run on packed documents: finite, and it records its longest document.
-TE's THD path under CP > 1 needs two GPUs; one H200 runs CP = 1.
 """
 
 import os
@@ -19,6 +20,7 @@ import sys
 import pytest
 import torch
 
+from distributed import run_distributed
 from gpu_setup import BACKEND, CUDA, needs_te, train_config
 from megarope import attention as A
 from megarope import checkpoint, packing, parallel, train
@@ -26,6 +28,7 @@ from megarope import checkpoint, packing, parallel, train
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                                 "benchmarks"))
 import gpu_validation  # noqa: E402 - the comparison the validation reports, asserted here
+import multi_rank  # noqa: E402 - what two ranks on one GPU need of NCCL
 
 DEVICE = "cuda" if CUDA else "cpu"
 
@@ -50,6 +53,51 @@ def test_packed_documents_give_each_token_its_loss_alone(dtype, record_property)
         record_property(key, row[key])
     tolerance = gpu_validation.PACKED_TOLERANCE[row["dtype"]]
     assert row["max_abs_diff"] <= tolerance < row["crossing_max_abs_diff"] / 2, row
+
+
+CP_LENGTHS = [301, 122, 601]  # none a multiple of 2*CP: TE's chunks need each padded
+
+
+def _thd_at_cp_2(directory: str) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """One of two ranks on the one GPU: the documents as THD at CP=2 through Transformer Engine, with the weights
+    saved in ``directory``. This rank's token losses, which rows of the packed sequence they are, its bounds."""
+    import torch.distributed as dist
+
+    from megarope.config import launch_environment
+
+    os.environ.update({**multi_rank.rank_environment(int(os.environ["RANK"])), **launch_environment(1, 2)})
+    parallel.init(cp=2)
+    model = gpu_validation.packed_model("te", torch.bfloat16, sum(CP_LENGTHS))
+    checkpoint.load_model(model, directory)
+    rank = dist.get_rank(parallel.cp_group())
+    packer = packing.Packing(True, True, 256, "te", 2, rank, 4)
+    local, documents = packer.pack(gpu_validation.packed_documents(CP_LENGTHS))
+    device = parallel.device()
+    losses = gpu_validation.model_losses(model, local["tokens"], local["labels"], packed_seq_params=documents.to(device),
+                                         position_ids=local["position_ids"].to(device))
+    return losses.cpu(), packing.thd_partition(documents.cu_seqlens_q, 2, rank), documents.cu_seqlens_q.tolist()
+
+
+@needs_te
+def test_thd_under_cp_2_gives_each_token_its_loss_alone(tmp_path, record_property):
+    """TE's THD + CP path (p2p): each rank keeps chunks r and 3-r of every padded document; put back in place,
+    the real tokens' losses are each document's alone (bf16: TE's CP attention has no fp32 kernels)."""
+    parallel.init()
+    model = gpu_validation.packed_model("te", torch.bfloat16, sum(CP_LENGTHS))
+    checkpoint.save_model(model, str(tmp_path / "model"))
+    alone = gpu_validation.documents_alone(model, gpu_validation.packed_documents(CP_LENGTHS), CP_LENGTHS)[0].cpu()
+    parallel.destroy()
+    starts = [0] + list(torch.tensor(CP_LENGTHS).cumsum(0).tolist())
+    worst = 0.0
+    for losses, rows, cu_seqlens in run_distributed(_thd_at_cp_2, 2, str(tmp_path / "model")):
+        assert all((end - start) % 4 == 0 for start, end in zip(cu_seqlens, cu_seqlens[1:]))
+        for loss, row in zip(losses[0].tolist(), rows.tolist()):
+            doc = max(i for i, start in enumerate(cu_seqlens[:-1]) if start <= row)
+            position = row - cu_seqlens[doc]
+            if position < CP_LENGTHS[doc]:  # not padding
+                worst = max(worst, abs(loss - float(alone[starts[doc] + position])))
+    record_property("max_abs_diff", worst)
+    assert worst <= gpu_validation.PACKED_TOLERANCE["bfloat16"], worst
 
 
 @pytest.mark.parametrize("kv_heads", [8, 2])
