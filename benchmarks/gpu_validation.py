@@ -19,6 +19,9 @@ or an out-of-memory in one never hides the others:
   multi_rank       two ranks on the one GPU (benchmarks/multi_rank.py): TP=2 (te, sequence parallel),
                    CP=2 (te and local), DP=2 (distributed optimizer), PP=2, each stopped, resumed and
                    compared with one process; a layout NCCL or TE refuses is skipped with its message
+  packed           three documents packed into one sequence (THD through Transformer Engine's attention,
+                   fp32 and bf16) against each document run on its own: the largest per-token loss
+                   difference, and that of the same tokens unpacked (what packing must not be near)
   long_eval        a 2-layer llama-1b scored at 128K, 256K, 512K and 1M tokens (te) and 128K (local),
                    each twice: the first call's seconds, then the warm call's seconds, tokens/s,
                    attention TFLOP/s and peak memory (torch.cuda.max_memory_allocated) against
@@ -58,6 +61,7 @@ import argparse
 import datetime
 import gc
 import importlib
+import itertools
 import json
 import os
 import platform
@@ -73,9 +77,12 @@ GPU_TESTS = os.path.join(REPO, "tests", "gpu")
 # the most basic first; then the checks of the benchmarks' children (multi_rank first: correctness before
 # speed), then any other test file
 TEST_ORDER = ["test_te.py", "test_train_gpu.py", "test_fp8.py", "test_attention_cuda.py"]
-BENCHMARK_ORDER = ["multi_rank", "long_eval", "throughput"]
-LIMITS = {"environment": 90, "tests": 200, "long_eval": 180, "throughput": 180, "multi_rank": 150}  # seconds, at most
-DRY_LIMITS = {"environment": 120, "tests": 600, "long_eval": 180, "throughput": 180, "multi_rank": 300}  # a busy CPU
+BENCHMARK_ORDER = ["multi_rank", "packed", "long_eval", "throughput"]
+LIMITS = {"environment": 90, "tests": 200, "long_eval": 180, "throughput": 180, "multi_rank": 150,  # seconds,
+          "packed": 45}  # at most
+DRY_LIMITS = {"environment": 120, "tests": 600, "long_eval": 180, "throughput": 180, "multi_rank": 300,  # a busy CPU
+              "packed": 120}
+PACKED_TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2}  # per-token loss, packed against alone (the same weights)
 MIN_START = 20  # a check is not started with less time left than this
 LOG_CHARS = 400_000  # of each check's output kept in log.txt (the end)
 K = 1024
@@ -171,6 +178,103 @@ def child_environment(args, result: dict, save) -> None:
         # what the CLI runs with too (the first GPU runs trained and scored so); only torch's own cuDNN calls fail
         result["summary"] += (f"; warning: cuDNN {info['cudnn']}, loaded from {', '.join(info['cudnn_dirs'])} "
                               "(README, Troubleshooting)")
+
+
+def packed_model(backend: str, dtype, length: int):
+    """The packed check's model: the toy preset with 2 layers, RoPE with log-scaled attention (so that each token's
+    own position matters), the same weights wherever it is built (seed 1234) at the same layout."""
+    from megarope import parallel
+    from megarope.model import build_model, get_preset
+    from megarope.rope import RopeConfig
+
+    parallel.seed_everything(1234)
+    return build_model(get_preset("toy", num_layers=2, max_seq_len=length),
+                       RopeConfig(base=1e4, train_len=length, log_scale_ref=max(2, length // 8)), backend, dtype=dtype)
+
+
+def packed_documents(lengths: list[int]) -> dict:
+    """One row of documents of ``lengths`` tokens (random bytes, each ending in EOD) as the dataset gives them with
+    reset_position_ids: tokens, labels, loss_mask, position_ids, [1, sum(lengths)] each."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.cat([torch.cat([torch.randint(0, 256, (n - 1,), generator=g), torch.tensor([256])])
+                        for n in lengths])[None]
+    return {"tokens": tokens, "labels": torch.roll(tokens, -1, 1), "loss_mask": torch.ones(tokens.shape),
+            "position_ids": torch.cat([torch.arange(n) for n in lengths])[None]}
+
+
+def model_losses(model, tokens, labels, **kwargs):
+    """Per-token fp32 losses of a forward pass without autograd (loss.token_losses' training path)."""
+    import torch
+
+    from megarope import loss, parallel
+
+    device = parallel.device()
+    with torch.no_grad():
+        return loss.token_losses(model, tokens.to(device), labels.to(device), with_accuracy=False, **kwargs)[0].float()
+
+
+def documents_alone(model, batch: dict, lengths: list[int]):
+    """[1, sum(lengths)]: each document of ``batch`` run on its own, per token."""
+    import torch
+
+    starts = [0, *itertools.accumulate(lengths)]
+    return torch.cat([model_losses(model, batch["tokens"][:, a:b], batch["labels"][:, a:b])
+                      for a, b in zip(starts, starts[1:])], dim=1)
+
+
+def packed_against_alone(backend: str, dtype, lengths: list[int]) -> dict:
+    """Documents of ``lengths`` tokens packed into one sequence through megarope.packing (te: THD through
+    Transformer Engine's attention; local: megarope's attention) against each run on its own, per token: the
+    largest loss difference, and the largest difference of the same tokens unpacked (attention and positions
+    running across documents), which the packed ones must not be near. tests/gpu/test_packed.py asserts on it;
+    the packed check reports it."""
+    from megarope import packing, parallel
+
+    model, batch = packed_model(backend, dtype, sum(lengths)), packed_documents(lengths)
+    local, documents = packing.Packing(True, True, 256, backend).pack(batch)  # one process, one row: no padding
+    device = parallel.device()
+    packed = model_losses(model, local["tokens"], local["labels"], position_ids=local["position_ids"].to(device),
+                          packed_seq_params=documents.to(device))
+    alone = documents_alone(model, batch, lengths)
+    crossing = model_losses(model, batch["tokens"], batch["labels"])
+    return {"backend": backend, "dtype": str(dtype).removeprefix("torch."), "tokens": sum(lengths),
+            "max_abs_diff": float((packed - alone).abs().max()),
+            "crossing_max_abs_diff": float((crossing - alone).abs().max()),
+            "mean_loss": round(float(alone.mean()), 4)}
+
+
+def child_packed(args, result: dict, save) -> None:
+    import torch
+
+    from megarope import parallel
+
+    te = _has_te()
+    backend = "te" if te else "local"
+    dtypes = [torch.float32, torch.bfloat16] if te else [torch.bfloat16] if _gpu() else [torch.float32]
+    lengths = [50, 37, 41] if args.dry else [300, 123, 601]
+    result.update(documents=lengths, rows=[])
+    parallel.init()
+    for dtype in dtypes:
+        started = time.perf_counter()
+        try:
+            row = packed_against_alone(backend, dtype, lengths)
+            tolerance = PACKED_TOLERANCE[row["dtype"]]
+            row.update(tolerance=tolerance, seconds=round(time.perf_counter() - started, 2),
+                       ok=row["max_abs_diff"] <= tolerance < row["crossing_max_abs_diff"] / 2)
+        except Exception as e:  # noqa: BLE001 - the other dtype still runs
+            row = {"backend": backend, "dtype": str(dtype).removeprefix("torch."), "error": _error_line(e), "ok": False}
+        result["rows"].append(row)
+        save()
+        _free()
+    rows = result["rows"]
+    result["ok"] = all(r["ok"] for r in rows)
+    result["summary"] = "; ".join(
+        f"{r['backend']} {r['dtype']}: " + (r["error"] if "error" in r else
+                                           f"packed vs alone {r['max_abs_diff']:.2g} (tolerance {r['tolerance']:g}), "
+                                           f"unpacked vs alone {r['crossing_max_abs_diff']:.2g}")
+        for r in rows)
 
 
 def _timed(gpu: bool, work) -> tuple[float, object]:
@@ -523,7 +627,7 @@ def child_multi_rank(args, result: dict, save) -> None:
 
 
 CHILDREN = {"environment": child_environment, "long_eval": child_long_eval, "throughput": child_throughput,
-            "multi_rank": child_multi_rank}
+            "multi_rank": child_multi_rank, "packed": child_packed}
 
 
 def run_child(args) -> int:
@@ -717,6 +821,16 @@ def _throughput_markdown(c: dict) -> list[str]:
     return lines
 
 
+def _packed_markdown(c: dict) -> list[str]:
+    lines = ["", f"## Packed documents ({c.get('documents')} tokens, toy preset, 2 layers, one sequence)", "",
+             "| backend | dtype | packed vs alone | tolerance | unpacked vs alone | seconds |", "|---|---|---:|---:|---:|---:|"]
+    for r in c["rows"]:
+        lines.append(f"| {r['backend']} | {r['dtype']} | " + (
+            f"{_cell(r['error'])} | | | |" if "error" in r else
+            f"{r['max_abs_diff']:.3g} | {r['tolerance']:g} | {r['crossing_max_abs_diff']:.3g} | {r['seconds']} |"))
+    return lines
+
+
 def write_reports(out: str, report: dict) -> None:
     with open(os.path.join(out, "results.json.tmp"), "w") as f:
         json.dump(report, f, indent=1, default=str)
@@ -735,6 +849,8 @@ def write_reports(out: str, report: dict) -> None:
                   f"{_cell(t['properties']) if t['properties'] else ''}{' -- ' if t['properties'] and t['message'] else ''}"
                   f"{_cell(t['message'] or '')} |" for t in tests]
     for c in report["checks"]:
+        if c["name"] == "packed" and c.get("rows"):
+            lines += _packed_markdown(c)
         if c["name"] == "long_eval" and c.get("rows"):
             lines += _long_eval_markdown(c)
         if c["name"] == "throughput" and c.get("rows"):

@@ -32,6 +32,20 @@ How K/V travel (``cp_comm``, chosen per model; "auto" by default):
                 "p2p") selects a mode too; :func:`set_cp_comm` overrides it on a built model, and
                 the evaluator picks the ring when only the ring fits ``--max-memory``.
 
+Packed documents (packing.Documents; megatron's reset_attention_mask)
+---------------------------------------------------------------------
+Each token attends only to its own document. CP keeps megatron's chunks of the whole sequence (every
+shape fixed), so a document may straddle chunks and ranks; the parts stay as above, and each is split
+per batch row into sub-parts of one document each (document_parts): a chunk over itself into each
+document's causal diagonal block, earlier keys into the runs of keys of the queries' own document
+(at most one document spans two chunks). Pairs of documents that differ are never computed: no mask,
+no wasted kernel work. Sub-parts are ordinary parts (one kernel call each, merged by LSE, the backward
+as above), so the CPU and CUDA paths, and kernel_args, are the same with documents as without. A
+variable-length kernel would make fewer calls, but the CPU has none, and CUDA's (the cu_seqlens forms
+of the flash and memory-efficient kernels) would be a second CUDA path, unchecked on a GPU; the calls
+grow with the documents per chunk, which is few for documents of thousands of tokens. At CP=1 each
+document is one SDPA call. Log-scaled queries take each token's own position (position_ids).
+
 Why these kernels and not PyTorch's own context parallelism
 -----------------------------------------------------------
 torch.distributed.tensor.experimental.context_parallel (PyTorch 2.14) implements the same
@@ -59,12 +73,14 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.transformer.module import MegatronModule
 
+from megarope.packing import Documents
 from megarope.parallel import cp_chunk_ids, cp_local_positions
 from megarope.rope import RopeConfig, log_scale_factors
 
@@ -224,31 +240,77 @@ class _Parts:
     Query rows are a slice of this rank's 2c local queries; K/V are [s, b, 2*hk, d] buffers.
     ``forward`` merges every part into (out, lse); ``backward`` adds each part's gradient into dq and
     into the dK/dV buffer that goes with its K/V.
+
+    With documents (``bounds``: each batch row's document bounds, in global positions), each part is
+    split per batch row into sub-parts of one document each (:func:`document_parts`): a sub-part is a
+    kernel call like any part, merged by its LSE. The keys of other documents are never computed.
     """
 
-    def __init__(self, q: torch.Tensor, kv_heads: int, scale: float):
-        self.q, self.kv_heads, self.scale = q, kv_heads, scale  # q: [s, b, h, d]
+    def __init__(self, q: torch.Tensor, kv_heads: int, scale: float, bounds=None, cp_size: int = 1,
+                 cp_rank: int = 0):
+        self.q, self.kv_heads, self.scale, self.bounds = q, kv_heads, scale, bounds  # q: [s, b, h, d]
+        if bounds is not None:  # the global position of each local query row
+            self.places = cp_local_positions(q.shape[0] * cp_size, cp_size, cp_rank).numpy()
+
+    def _calls(self, rows: slice, causal: bool, key_places):
+        """(query rows, batch rows, key rows of the part's K/V, causal) of each kernel call of one part."""
+        if self.bounds is None:
+            yield rows, slice(None), slice(None), causal
+            return
+        for b, bounds in enumerate(self.bounds):
+            for q, k, sub_causal in document_parts(self.places[rows], key_places, causal, bounds):
+                yield slice(rows.start + q.start, rows.start + q.stop), slice(b, b + 1), k, sub_causal
 
     def forward(self, rows: slice, kv: torch.Tensor, causal: bool, out: torch.Tensor, lse: torch.Tensor,
-                first: bool = False) -> None:
-        k, v = _split_kv(kv, self.kv_heads)
-        part_out, part_lse = attention_with_lse(_bhsd(self.q[rows]), k, v, causal, self.scale)
-        if first:  # a query's own (causal) chunk comes first: its row is never empty
-            _bhsd(out[rows]).copy_(part_out)
-            lse[..., rows].copy_(part_lse)
-        else:
-            merge_parts(_bhsd(out[rows]), lse[..., rows], part_out, part_lse)
+                first: bool = False, key_places=None) -> None:
+        for q_rows, batch, keys, sub_causal in self._calls(rows, causal, key_places):
+            k, v = _split_kv(kv[keys, batch], self.kv_heads)
+            part_out, part_lse = attention_with_lse(_bhsd(self.q[q_rows, batch]), k, v, sub_causal, self.scale)
+            if first:  # a query's own (causal) chunk comes first: its row is never empty
+                _bhsd(out[q_rows, batch]).copy_(part_out)
+                lse[batch, :, q_rows].copy_(part_lse)
+            else:
+                merge_parts(_bhsd(out[q_rows, batch]), lse[batch, :, q_rows], part_out, part_lse)
 
     def backward(self, rows: slice, kv: torch.Tensor, causal: bool, grad_out: torch.Tensor, out: torch.Tensor,
-                 lse: torch.Tensor, dq: torch.Tensor, dkv: torch.Tensor) -> None:
-        k, v = _split_kv(kv, self.kv_heads)
-        dq_part, dk, dv = attention_with_lse_backward(_bhsd(grad_out[rows]), _bhsd(self.q[rows]), k, v,
-                                                      _bhsd(out[rows]), lse[..., rows].contiguous(), causal,
-                                                      self.scale)
-        _bhsd(dq[rows]).add_(dq_part)
-        dk_buf, dv_buf = _split_kv(dkv, self.kv_heads)
-        dk_buf.add_(dk)
-        dv_buf.add_(dv)
+                 lse: torch.Tensor, dq: torch.Tensor, dkv: torch.Tensor, key_places=None) -> None:
+        for q_rows, batch, keys, sub_causal in self._calls(rows, causal, key_places):
+            k, v = _split_kv(kv[keys, batch], self.kv_heads)
+            dq_part, dk, dv = attention_with_lse_backward(
+                _bhsd(grad_out[q_rows, batch]), _bhsd(self.q[q_rows, batch]), k, v, _bhsd(out[q_rows, batch]),
+                lse[batch, :, q_rows].contiguous(), sub_causal, self.scale)
+            _bhsd(dq[q_rows, batch]).add_(dq_part)
+            dk_buf, dv_buf = _split_kv(dkv[keys, batch], self.kv_heads)
+            dk_buf.add_(dk)
+            dv_buf.add_(dv)
+
+
+def _runs(places: np.ndarray, bounds) -> list[tuple[slice, int]]:
+    """(rows, document) of each run of ``places`` (global positions) that is consecutive and in one document."""
+    document = np.searchsorted(np.asarray(bounds), places, side="right") - 1
+    cut = np.flatnonzero((np.diff(places) != 1) | (np.diff(document) != 0)) + 1
+    edges = [0, *cut.tolist(), len(places)]
+    return [(slice(a, b), int(document[a])) for a, b in zip(edges, edges[1:])]
+
+
+def document_parts(q_places: np.ndarray, k_places: np.ndarray | None, causal: bool, bounds):
+    """A part split by documents: (query rows, key rows, causal) slices of the part's own rows, one document
+    each. ``q_places``/``k_places``: the global positions of the part's query and key rows; ``bounds``: where
+    each document of the row starts, and the row's length.
+
+    A causal part is a chunk over itself: each document's rows of it, causally. In an unmasked part every key
+    precedes every query: a run of queries sees each run of keys of its own document, unmasked. Runs break
+    where a document does, and where the global positions jump (keys gathered from several chunks).
+    Sub-parts rather than one variable-length kernel call: the CPU has no such kernel, and on CUDA every
+    call goes through :func:`kernel_args`, whose layout is the one the GPU run checked.
+    """
+    if causal:
+        return [(rows, rows, True) for rows, _ in _runs(q_places, bounds)]
+    keys = {}
+    for rows, document in _runs(k_places, bounds):
+        keys.setdefault(document, []).append(rows)
+    return [(rows, key_rows, False) for rows, document in _runs(q_places, bounds)
+            for key_rows in keys.get(document, ())]
 
 
 def _all_gather(local: torch.Tensor, group) -> torch.Tensor:
@@ -284,6 +346,13 @@ def _all_gather_parts(kv: torch.Tensor, group):
     return parts, {"firsts": firsts, "seconds": seconds}
 
 
+def _gathered_places(cp: int, r: int, c: int) -> dict:
+    """The global position of each row of the K/V buffers of _all_gather_parts."""
+    seconds = [np.arange(chunk * c, (chunk + 1) * c) for rank in range(cp) for chunk in cp_chunk_ids(cp, rank)[1:]]
+    return {"local": cp_local_positions(2 * c * cp, cp, r).numpy(), "firsts": np.arange(cp * c),
+            "seconds": np.concatenate(seconds)}
+
+
 def _ring_parts(step: int, cp: int, r: int, c: int):
     """(rows, key rows of the visiting K/V, causal) of the parts at ring step ``step``."""
     source = (r - step) % cp
@@ -310,56 +379,64 @@ class _ContextParallelCore(torch.autograd.Function):
     """Causal attention of this rank's 2c queries [s, b, h, d] over the whole CP group's keys."""
 
     @staticmethod
-    def forward(ctx, query, key, value, group, scale: float, comm: str):
+    def forward(ctx, query, key, value, group, scale: float, comm: str, bounds):
         kv = torch.cat([key, value], dim=2)  # [2c, b, 2*hk, d]: one buffer to send
         hk, c, acc = key.shape[2], query.shape[0] // 2, _accumulation_dtype(query.dtype)
-        parts = _Parts(query, hk, scale)
+        cp, r = dist.get_world_size(group), dist.get_rank(group)
+        parts = _Parts(query, hk, scale, bounds, cp, r)
         out = torch.empty(query.shape, dtype=acc, device=query.device)
         lse = torch.empty(query.shape[1], query.shape[2], query.shape[0], dtype=acc, device=query.device)
         if comm == "all-gather":
             plan, _ = _all_gather_parts(kv, group)
-            for k, (rows, keys, causal, *_) in enumerate(plan):
-                parts.forward(rows, keys, causal, out, lse, first=k < 2)
+            places = _gathered_places(cp, r, c) if bounds else None
+            for k, (rows, keys, causal, buffer, key_rows) in enumerate(plan):
+                parts.forward(rows, keys, causal, out, lse, first=k < 2,
+                              key_places=places[buffer][key_rows] if places else None)
         else:
-            cp, r = dist.get_world_size(group), dist.get_rank(group)
             for step in range(cp):
                 next_kv = _pass_along([kv], group, tag=0) if step < cp - 1 else None  # overlaps the kernels
+                places = cp_local_positions(2 * c * cp, cp, (r - step) % cp).numpy() if bounds else None
                 for k, (rows, keys, causal) in enumerate(_ring_parts(step, cp, r, c)):
-                    parts.forward(rows, kv[keys], causal, out, lse, first=step == 0 and k < 2)
+                    parts.forward(rows, kv[keys], causal, out, lse, first=step == 0 and k < 2,
+                                  key_places=places[keys] if bounds else None)
                 if next_kv:
                     for work in next_kv[0]:
                         work.wait()
                     (kv,) = next_kv[1]
         out = out.to(query.dtype)
         ctx.save_for_backward(query, key, value, out, lse)
-        ctx.group, ctx.scale, ctx.comm = group, scale, comm
+        ctx.group, ctx.scale, ctx.comm, ctx.bounds = group, scale, comm, bounds
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         query, key, value, out, lse = ctx.saved_tensors
-        group, comm = ctx.group, ctx.comm
+        group, comm, bounds = ctx.group, ctx.comm, ctx.bounds
         hk, c, acc = key.shape[2], query.shape[0] // 2, _accumulation_dtype(query.dtype)
+        cp, r = dist.get_world_size(group), dist.get_rank(group)
         grad_out = grad_out.contiguous()
-        parts = _Parts(query, hk, ctx.scale)
+        parts = _Parts(query, hk, ctx.scale, bounds, cp, r)
         kv = torch.cat([key, value], dim=2)
         dq = torch.zeros(query.shape, dtype=acc, device=query.device)
         dkv = torch.zeros(kv.shape, dtype=acc, device=kv.device)
         if comm == "all-gather":
             plan, gathered = _all_gather_parts(kv, group)
+            places = _gathered_places(cp, r, c) if bounds else None
             grads = {name: torch.zeros(t.shape, dtype=acc, device=t.device) for name, t in gathered.items()}
             grads["local"] = dkv
             for rows, keys, causal, buffer, key_rows in plan:
-                parts.backward(rows, keys, causal, grad_out, out, lse, dq, grads[buffer][key_rows])
+                parts.backward(rows, keys, causal, grad_out, out, lse, dq, grads[buffer][key_rows],
+                               key_places=places[buffer][key_rows] if places else None)
             dkv[:c] += _reduce_scatter(grads["firsts"], group)
             dkv[c:] += _reduce_scatter(grads["seconds"], group)
         else:
-            cp, r = dist.get_world_size(group), dist.get_rank(group)
             travelling = dkv  # the dK/dV of the K/V this rank holds now: they travel together
             for step in range(cp):
                 next_kv = _pass_along([kv], group, tag=0) if step < cp - 1 else None
+                places = cp_local_positions(2 * c * cp, cp, (r - step) % cp).numpy() if bounds else None
                 for rows, keys, causal in _ring_parts(step, cp, r, c):
-                    parts.backward(rows, kv[keys], causal, grad_out, out, lse, dq, travelling[keys])
+                    parts.backward(rows, kv[keys], causal, grad_out, out, lse, dq, travelling[keys],
+                                   key_places=places[keys] if bounds else None)
                 # after the last step this is one more hop: each dK/dV reaches the rank that owns those K/V
                 works, (travelling,) = _pass_along([travelling], group, tag=1)
                 for work in works + (next_kv[0] if next_kv else []):
@@ -368,16 +445,31 @@ class _ContextParallelCore(torch.autograd.Function):
                     (kv,) = next_kv[1]
             dkv = travelling
         dk, dv = dkv[:, :, :hk], dkv[:, :, hk:]
-        return dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype), None, None, None
+        return dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype), None, None, None, None
 
 
-def context_parallel_attention(query, key, value, group, scale: float, comm: str = "auto") -> torch.Tensor:
+def context_parallel_attention(query, key, value, group, scale: float, comm: str = "auto",
+                               bounds=None) -> torch.Tensor:
     """Causal attention for this CP rank's tokens: query [2c, b, h, d], key/value [2c, b, hk, d] (after
-    RoPE) in megatron's load-balanced layout; returns [2c, b, h, d]. Differentiable in all three."""
+    RoPE) in megatron's load-balanced layout; returns [2c, b, h, d]. Differentiable in all three.
+    ``bounds``: per batch row, where each document starts (global positions) and the row's length;
+    a token then attends only to the tokens of its own document."""
     if query.shape[0] % 2:
         raise ValueError(f"a CP rank holds two equal chunks, got {query.shape[0]} tokens")
     comm = resolve_cp_comm(comm, dist.get_world_size(group))
-    return _ContextParallelCore.apply(query, key, value, group, scale, comm)
+    return _ContextParallelCore.apply(query, key, value, group, scale, comm, bounds)
+
+
+def document_attention(query, key, value, bounds, scale: float) -> torch.Tensor:
+    """Causal attention inside each document, in one process: query [s, b, h, d], key/value [s, b, hk, d],
+    ``bounds`` per batch row as context_parallel_attention takes them; returns [s, b, h, d]. One fused
+    SDPA call per document: the pairs of documents that differ are never computed."""
+    rows = []
+    for b, row in enumerate(bounds):
+        documents = [[_bhsd(t[start:end, b:b + 1]) for t in (query, key, value)] for start, end in zip(row, row[1:])]
+        rows.append(torch.cat([F.scaled_dot_product_attention(*qkv, is_causal=True, scale=scale, enable_gqa=True)
+                               for qkv in documents], dim=2))
+    return torch.cat(rows).permute(2, 0, 1, 3)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -405,15 +497,20 @@ def gather_sequence(x: torch.Tensor, group) -> torch.Tensor:
     return torch.cat([chunks[owner[c]] for c in range(2 * cp_size)], dim=0)
 
 
-def scale_queries(query: torch.Tensor, rope: RopeConfig | None, cp_group) -> torch.Tensor:
-    """Log-scaled attention: multiply the query at global position t by max(1, ln t / ln T_ref)."""
+def scale_queries(query: torch.Tensor, rope: RopeConfig | None, cp_group, positions=None) -> torch.Tensor:
+    """Log-scaled attention: multiply the query at position t by max(1, ln t / ln T_ref). The position is the
+    global one of this rank's query rows, or each query's own in ``positions`` (packed documents: [s, b] for
+    queries [s, b, h, d], [t] for THD queries [t, h, d]; they restart at each document with
+    reset_position_ids)."""
     if rope is None or rope.log_scale_ref is None:
         return query
-    cp_size = 1 if cp_group is None else dist.get_world_size(cp_group)
-    cp_rank = 0 if cp_group is None else dist.get_rank(cp_group)
-    positions = cp_local_positions(query.shape[0] * cp_size, cp_size, cp_rank, query.device)
+    if positions is None:
+        cp_size = 1 if cp_group is None else dist.get_world_size(cp_group)
+        cp_rank = 0 if cp_group is None else dist.get_rank(cp_group)
+        positions = (cp_local_positions(query.shape[0] * cp_size, cp_size, cp_rank, query.device) if cp_size > 1
+                     else torch.arange(query.shape[0], device=query.device))
     factors = log_scale_factors(positions, rope.log_scale_ref).to(query.dtype)
-    return query * factors.view(-1, *([1] * (query.dim() - 1)))
+    return query * factors.view(*positions.shape, *([1] * (query.dim() - positions.dim())))
 
 
 # ----------------------------------------------------------------------------------------------- modules
@@ -441,16 +538,22 @@ class ContextParallelAttention(MegatronModule):
 
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None, **_):
-        if packed_seq_params is not None or attention_bias is not None:
-            raise ValueError("packed sequences and attention bias are not supported by megarope's core attention")
+        documents = packed_seq_params if isinstance(packed_seq_params, Documents) else None
+        if (packed_seq_params is not None and (documents is None or documents.qkv_format != "sbhd")
+                or attention_bias is not None):
+            raise ValueError("megarope's core attention takes packed documents as packing.Documents lays them out "
+                             "for the local backend (not THD), and no attention bias")
         cp_group = self.cp_group if self.cp_group is not None and dist.get_world_size(self.cp_group) > 1 else None
-        query = scale_queries(query, self.rope, cp_group)
-        if cp_group is None:
+        query = scale_queries(query, self.rope, cp_group, None if documents is None else documents.positions.t())
+        bounds = documents.bounds if documents is not None and documents.separate else None
+        if cp_group is None and bounds:
+            out = document_attention(query, key, value, bounds, self.softmax_scale)
+        elif cp_group is None:
             out = F.scaled_dot_product_attention(*(_bhsd(t) for t in (query, key, value)), is_causal=True,
                                                  scale=self.softmax_scale, enable_gqa=True)
             out = out.permute(2, 0, 1, 3)
         else:
-            out = context_parallel_attention(query, key, value, cp_group, self.softmax_scale, self.cp_comm)
+            out = context_parallel_attention(query, key, value, cp_group, self.softmax_scale, self.cp_comm, bounds)
         s, b, h, d = out.shape
         return out.reshape(s, b, h * d)
 
@@ -474,6 +577,8 @@ def log_scaled_te_attention(te_attention_cls):
         def forward(self, query, key, value, *args, **kwargs):
             group = parallel_state.get_context_parallel_group(check_initialized=False)
             group = group if group is not None and dist.get_world_size(group) > 1 else None
-            return super().forward(scale_queries(query, self.rope, group), key, value, *args, **kwargs)
+            packed = kwargs.get("packed_seq_params")  # THD documents (packing): each token's own position
+            positions = packed.positions if isinstance(packed, Documents) and packed.qkv_format == "thd" else None
+            return super().forward(scale_queries(query, self.rope, group, positions), key, value, *args, **kwargs)
 
     return LogScaledTEDotProductAttention

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from megarope.errors import UsageError
 
 AUTO_TOY = "auto:toy"  # data.path meaning "the Python stdlib's source, byte tokens, prepared on first use"
+DOCUMENT_OPTIONS = ("reset_position_ids", "reset_attention_mask", "eod_mask_loss")  # megatron's names, data.*
 
 
 class _Section(BaseModel):
@@ -151,6 +152,13 @@ class DataSection(_Section):
     """Where "auto:toy" writes the prepared corpus on first use (then reuses it)."""
     cache_dir: str | None = None
     """Where megatron keeps its dataset index caches; None: a .cache directory beside the data."""
+    reset_position_ids: bool = False
+    """megatron's option: positions restart after each EOD token (each document of a sequence from 0)."""
+    reset_attention_mask: bool = False
+    """megatron's option: a token attends only to its own document's tokens (documents packed into one
+    sequence do not see each other). megarope computes no cross-document attention at all (megarope.packing)."""
+    eod_mask_loss: bool = False
+    """megatron's option: no loss where the input token is EOD (predicting the next document's first token)."""
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -159,6 +167,10 @@ class DataSection(_Section):
         if self.blend is not None and not self.blend:
             raise ValueError("data.blend is empty")
         return self
+
+    def documents(self) -> dict:
+        """The three document options, by name (what a checkpoint records and a resume compares)."""
+        return {name: getattr(self, name) for name in DOCUMENT_OPTIONS}
 
     def sources(self) -> list[tuple[str, float]]:
         """(prefix, weight) pairs, the form data.build_gpt_dataset takes."""

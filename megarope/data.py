@@ -455,13 +455,18 @@ def preprocess(inputs: Sequence[str | os.PathLike], tokenizer: Tokenizer | str |
 
 # ----------------------------------------------------------------------------------------------- reading
 def build_gpt_dataset(paths_and_weights, seq_len: int, num_samples: int | None, seed: int,
-                      tokenizer: Tokenizer | str, cache_dir: str | None = None, split_name: str = "train"):
+                      tokenizer: Tokenizer | str, cache_dir: str | None = None, split_name: str = "train",
+                      reset_position_ids: bool = False, reset_attention_mask: bool = False,
+                      eod_mask_loss: bool = False):
     """Megatron's GPTDataset over one prefix, or its BlendedDataset over several, with `num_samples` samples.
 
     `paths_and_weights`: a prefix, or a list whose items are a prefix (weight 1) or a (prefix, weight) pair.
     Each sample is a dict of tokens / labels (tokens shifted by one) / loss_mask / position_ids, each
     seq_len long. Megatron's index caches go to `cache_dir`, by default `.cache` beside the first prefix.
-    num_samples=None means one pass over the data (a single prefix only).
+    num_samples=None means one pass over the data (a single prefix only). The document options are
+    megatron's (GPTDatasetConfig): positions that restart after each EOD, and no loss where the input is
+    EOD; `reset_attention_mask` builds no mask (megarope's attention reads the documents from the tokens:
+    megarope.packing), megatron only records it.
 
     Under torch.distributed (collective): rank 0 builds the indices and the other ranks read them from
     `cache_dir`, which every rank must therefore see (see _build_on_rank_0_first).
@@ -502,7 +507,8 @@ def build_gpt_dataset(paths_and_weights, seq_len: int, num_samples: int | None, 
         config = GPTDatasetConfig(
             random_seed=seed, sequence_length=seq_len, tokenizer=tokenizer, path_to_cache=cache_dir,
             blend_per_split=[blend if s == split else None for s in Split],
-            reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
+            reset_position_ids=reset_position_ids, reset_attention_mask=reset_attention_mask,
+            eod_mask_loss=eod_mask_loss,
             create_attention_mask=False)  # our core attention is causal by construction: no mask tensors
         # is_built_on_rank=True everywhere: every rank holds the dataset
         build = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build

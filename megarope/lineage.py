@@ -118,18 +118,31 @@ def lineage_of(meta: dict) -> Lineage:
                  "tune_len": f"the RoPE train_len ({old})"})
 
 
-def training_lineage(parent: dict | None, base: float, seq_len: int) -> Lineage:
+def training_lineage(parent: dict | None, base: float, seq_len: int, documents: bool = False,
+                     longest_document: int | None = None) -> Lineage:
     """What a training run records: its parent's (init.from's, or the run it resumes) pretraining carried
-    forward with train.seq_len as the tune length; a run from random weights is its own pretraining."""
+    forward with the length it trains at as the tune length; a run from random weights is its own pretraining.
+
+    That length is train.seq_len, unless ``documents`` are packed with positions or attention restarting at
+    each one (data.reset_position_ids, data.reset_attention_mask): then no query sees a key farther than its
+    document is long, and the run trains at the length of its ``longest_document`` (the longest it has
+    trained on, which checkpoints record). Before one is known, train.seq_len stands in, as the bound it is."""
+    length, what, source = seq_len, "train.seq_len", "train.seq_len"
+    if documents and longest_document:
+        length, what = longest_document, "longest document"
+        source = f"the longest document trained on (documents packed with restarts; train.seq_len {seq_len})"
+    elif documents:
+        source = ("train.seq_len, an upper bound: documents are packed with restarts, and each checkpoint records "
+                  "the longest one trained on")
     if parent is None:
         this = "this run's"
-        return Lineage(pretrain_base=float(base), pretrain_len=seq_len, tune_len=seq_len,
+        return Lineage(pretrain_base=float(base), pretrain_len=length, tune_len=length,
                        sources={"pretrain_base": f"{this} rope.base (trained from random weights)",
-                                "pretrain_len": f"{this} train.seq_len (trained from random weights)",
-                                "tune_len": "train.seq_len"})
+                                "pretrain_len": f"{this} {what} (trained from random weights)",
+                                "tune_len": source})
     before = lineage_of(parent)
-    return Lineage(pretrain_base=before.pretrain_base, pretrain_len=before.pretrain_len, tune_len=seq_len,
-                   sources={**before.sources, "tune_len": "train.seq_len"})
+    return Lineage(pretrain_base=before.pretrain_base, pretrain_len=before.pretrain_len, tune_len=length,
+                   sources={**before.sources, "tune_len": source})
 
 
 def rotary_dim_of(meta: dict) -> int:

@@ -184,19 +184,21 @@ def _processor(*, hidden_states, output_layer, output_weight, labels, true_vocab
 
 
 def token_losses(model, tokens, labels, position_ids=None, chunk: int = DEFAULT_CHUNK, with_accuracy: bool = True,
-                 full_logits: bool = False):
+                 full_logits: bool = False, packed_seq_params=None):
     """Per-token loss (fp32) and next-token correctness, both [b, s] for this rank's tokens.
 
     ``tokens``/``labels``/``position_ids`` are this CP rank's slices ([b, s_local]).
     ``with_accuracy=False`` (training) skips the correctness work and returns (losses, None).
     ``full_logits``: the full path (see the module docstring); otherwise chunks of ``chunk`` tokens,
     recomputed in the backward pass where autograd is on, the scoring path where it is off.
+    ``packed_seq_params``: the micro batch's documents (packing.Packing.pack), or None.
     """
     if position_ids is None:
         position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
     processor = functools.partial(_processor, true_vocab=model.megarope_preset.vocab_size, chunk=chunk,
                                   with_accuracy=with_accuracy, full_logits=full_logits)
-    return model(tokens, position_ids, None, labels=labels, output_processor=processor)
+    return model(tokens, position_ids, None, labels=labels, output_processor=processor,
+                 packed_seq_params=packed_seq_params)
 
 
 def mean_loss(losses: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

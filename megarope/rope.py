@@ -4,6 +4,12 @@ Under context parallelism megatron splits each sequence into 2*CP chunks and giv
 chunks r and 2*CP-1-r (load balancing for causal attention). Everything position-dependent here
 (the rotary table, dynamic NTK's length, log-scaled queries) is computed from *global* positions,
 so a CP=N run sees exactly what a CP=1 run sees.
+
+Packed documents (packing.Documents, local backend): each token takes the rotary angle of its own
+position (the dataset's position_ids: with reset_position_ids they restart at each document), and
+dynamic NTK the base of its own document's length, so a document packed with others is encoded as
+it would be alone (RotaryEmbedding.document_table). The te backend's THD layout restarts positions
+at each document inside megatron's and TE's RoPE (one table for the micro batch).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import torch
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding as _McoreRotary
 from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import YarnRotaryEmbedding as _McoreYarn
 
+from megarope.packing import Documents
 from megarope.parallel import cp_local_positions
 
 
@@ -129,6 +136,11 @@ class RopeConfig:
         return ", ".join(parts)
 
 
+def _device() -> torch.device:
+    """Where megatron's rotary tables go: the current CUDA device, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def dynamic_ntk_base(base: float, seq_len: int, train_len: int, rotary_dim: int, alpha: float = 1.0) -> float:
     """Dynamic NTK: beta' = beta * (alpha*L/T_train - (alpha-1))^(d/(d-2)) for L > T_train, else beta."""
     if seq_len <= train_len:
@@ -142,7 +154,50 @@ def log_scale_factors(positions: torch.Tensor, t_ref: int) -> torch.Tensor:
     return torch.clamp(torch.log(t) / math.log(t_ref), min=1.0)  # float64: the caller casts
 
 
-class RotaryEmbedding(_McoreRotary):
+class _DocumentTables:
+    """Rotary tables per token for packed documents, for megatron's rotary embeddings below.
+
+    GPTModel (0.19.2, _preprocess) asks its rotary embedding for ``get_rotary_seq_len(...,
+    packed_seq_params)`` and then, at once, for the table; it passes no positions. So the first call
+    notes the micro batch's Documents (local layout: qkv_format "sbhd") and the second builds the table
+    from their positions: [s, b, 1, d] angles, which megatron's unfused RoPE applies to [s, b, h, d]
+    queries and keys by broadcasting. Other calls get megatron's table of positions 0..L-1.
+    """
+
+    documents: Documents | None = None
+
+    def get_rotary_seq_len(self, inference_context, transformer, transformer_input, transformer_config,
+                           packed_seq_params=None, **kwargs) -> int:
+        local = isinstance(packed_seq_params, Documents) and packed_seq_params.qkv_format == "sbhd"
+        self.documents = packed_seq_params if local else None
+        return super().get_rotary_seq_len(inference_context, transformer, transformer_input, transformer_config,
+                                          packed_seq_params, **kwargs)
+
+    def take_documents(self) -> Documents | None:
+        documents, self.documents = self.documents, None
+        return documents
+
+    def full_table(self, length: int) -> torch.Tensor:
+        """[length, 1, 1, d] angles of positions 0..length-1 (dynamic NTK's base for ``length``), not CP-sliced."""
+        raise NotImplementedError
+
+    def document_table(self, documents: Documents) -> torch.Tensor:
+        """[s, b, 1, d]: each token's angles at its own position, dynamic NTK's base from its span's length
+        (Documents.lengths: the document's own length when positions restart at each one)."""
+        positions, lengths = documents.positions, documents.lengths
+        if not getattr(self.rope, "dynamic_ntk", False):
+            table = self.full_table(max(documents.table_lengths))[:, 0, 0]
+            return table[positions].transpose(0, 1)[:, :, None]
+        angles = None
+        for length in documents.table_lengths:  # one table per distinct length: few (documents of a micro batch)
+            table = self.full_table(length)[:, 0, 0]
+            part = table[positions.clamp(max=length - 1)]
+            mask = (lengths == length)[..., None]
+            angles = torch.where(mask, part, angles) if angles is not None else torch.where(mask, part, 0.0)
+        return angles.transpose(0, 1)[:, :, None]
+
+
+class RotaryEmbedding(_DocumentTables, _McoreRotary):
     """megatron-core's rotary table with dynamic NTK and device-agnostic CP slicing.
 
     GPTModel asks for the table with the global sequence length (it multiplies by CP itself);
@@ -174,11 +229,18 @@ class RotaryEmbedding(_McoreRotary):
         exponents = torch.arange(0, self.rotary_dim, 2, dtype=torch.float32, device=self.inv_freq.device)
         return 1.0 / (base ** (exponents / self.rotary_dim))
 
+    def full_table(self, length: int) -> torch.Tensor:
+        return self._table_for(length, 0, True, None, _device())
+
     def forward(self, max_seq_len: int, offset: int = 0, packed_seq: bool = False, cp_group=None) -> torch.Tensor:
         """The table of this rank's positions; the last one is kept, as megatron caches its own (a training
         step asks for the same table every micro batch). A table made under inference_mode cannot be saved
-        for a backward pass, so the mode is part of the key."""
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        for a backward pass, so the mode is part of the key. With packed documents: each token's (see
+        _DocumentTables)."""
+        documents = self.take_documents()
+        if documents is not None:
+            return self.document_table(documents)
+        device = _device()
         cp_group = cp_group if cp_group is not None else self.cp_group
         key = (max_seq_len, offset, packed_seq, cp_group, device, torch.is_inference_mode_enabled())
         if self._table_key != key:
@@ -197,7 +259,7 @@ class RotaryEmbedding(_McoreRotary):
         return torch.cat((freqs, freqs), dim=-1)[:, None, None, :]
 
 
-class YarnRotaryEmbedding(_McoreYarn):
+class YarnRotaryEmbedding(_DocumentTables, _McoreYarn):
     """megatron-core's YaRN table (its frequencies, ramp and temperature) with device-agnostic CP slicing.
 
     Returns (angles, temperature) as megatron's own does; GPTModel's "yarn" path keeps the angles, and
@@ -222,14 +284,25 @@ class YarnRotaryEmbedding(_McoreYarn):
         )
         self.rope = rope
 
-    @functools.lru_cache(maxsize=32)  # as megatron's own (its __init__ clears this cache)
+    def full_table(self, length: int) -> torch.Tensor:
+        return self._sliced(length, 0, True, None)[0]
+
     def forward(self, max_seq_len: int, offset: int = 0, packed_seq: bool = False,
                 cp_group=None) -> tuple[torch.Tensor, float]:
+        documents = self.take_documents()
+        if documents is not None:
+            return self.document_table(documents), self._sliced(max(documents.table_lengths), 0, True, None)[1]
+        return self._sliced(max_seq_len, offset, packed_seq, cp_group)
+
+    @functools.lru_cache(maxsize=32)  # as megatron's own forward
+    def _sliced(self, max_seq_len: int, offset: int, packed_seq: bool, cp_group) -> tuple[torch.Tensor, float]:
         emb, temperature = self.get_emb(max_seq_len, offset)
         cp_group = cp_group if cp_group is not None else self.cp_group
         if cp_group is not None and cp_group.size() > 1 and not packed_seq:
             emb = emb[cp_local_positions(max_seq_len, cp_group.size(), cp_group.rank(), emb.device)]
         return emb, temperature
+
+    forward.cache_clear = _sliced.cache_clear  # megatron's __init__ clears its forward's cache
 
 
 def rotary_embedding(rope: RopeConfig, kv_channels: int, cp_group=None) -> torch.nn.Module:

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megarope import checkpoint, compat, config as configuration, data, lineage, parallel, trust
+from megarope import checkpoint, compat, config as configuration, data, lineage, packing, parallel, trust
 from megarope.errors import UsageError
 from megarope.files import atomic_files
 from megarope.memory import model_parameters
@@ -104,6 +104,28 @@ def check_config(cfg: configuration.Config, gpu: Accelerator | None) -> None:
                          f"{gpu.name} has {gpu.capability[0]}.{gpu.capability[1]}: use tensorwise or delayed")
     if t.exit_at_step is not None and t.exit_at_step > t.steps:
         raise UsageError(f"train.exit_at_step {t.exit_at_step} is past train.steps {t.steps}")
+    check_documents(cfg)
+
+
+def check_documents(cfg: configuration.Config) -> None:
+    """What the te backend's THD packing (megarope.packing) cannot do: positions that restart where attention
+    does not (TE's THD RoPE restarts both at each document), pipelines (a THD micro batch is one row whose
+    length follows its documents under CP; megatron's schedules send fixed shapes between stages), and
+    dynamic NTK by each document's length (one RoPE table per micro batch) where it would change a base."""
+    d, t = cfg.data, cfg.train
+    if cfg.model.backend != "te" or not (d.reset_position_ids or d.reset_attention_mask):
+        return
+    if d.reset_position_ids != d.reset_attention_mask:
+        raise UsageError("model.backend te packs documents as THD, where positions and attention restart together: "
+                         "set both data.reset_position_ids and data.reset_attention_mask, or use model.backend local")
+    if cfg.parallel.pp > 1:
+        raise UsageError("model.backend te packs documents as THD, which megatron's pipeline schedules do not send "
+                         "between stages here: use parallel.pp 1, or model.backend local")
+    train_len = cfg.rope_config()["train_len"]
+    if cfg.rope.dynamic_ntk and train_len < t.seq_len:
+        raise UsageError(f"model.backend te applies one RoPE table to a micro batch of packed documents, so "
+                         f"dynamic NTK cannot take each document's own length (rope.train_len {train_len} < "
+                         f"train.seq_len {t.seq_len}); use model.backend local")
 
 
 def check_layout(cfg: configuration.Config, preset, layout: parallel.Layout) -> None:
@@ -204,19 +226,27 @@ def decide(cfg: configuration.Config, state: TrainState, result: StepResult) -> 
 
 
 # ----------------------------------------------------------------------------------------------- data
-def micro_batches(dataset, first_sample: int, micro_batch: int, dp: int, dp_rank: int, count: int, cp: int = 1):
+def micro_batches(dataset, first_sample: int, micro_batch: int, dp: int, dp_rank: int, count: int, cp: int = 1,
+                  packer: packing.Packing | None = None):
     """This rank's ``count`` micro batches of the global batch that starts at ``first_sample``, on its
     device (megatron's order: micro batch m of DP rank r holds samples first + (m*DP + r)*mbs ...),
-    each CP-sliced when cp > 1."""
+    each CP-sliced when cp > 1. With ``packer``, it lays them out (and CP-slices them), and
+    "packed_seq_params" holds the micro batch's documents (None when it packs none)."""
     device = parallel.device()
     for m in range(count):
         start = first_sample + (m * dp + dp_rank) * micro_batch
         samples = [dataset[i] for i in range(start, start + micro_batch)]
         batch = {key: torch.stack([torch.as_tensor(s[key]) for s in samples])
                  for key in ("tokens", "labels", "loss_mask", "position_ids")}
-        if cp > 1:
+        documents = None
+        if packer is not None:
+            batch, documents = packer.pack(batch)
+        elif cp > 1:
             batch = parallel.slice_for_cp(batch)
-        yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        if packer is not None:
+            batch["packed_seq_params"] = documents.to(device) if documents is not None else None
+        yield batch
 
 
 def token_loss_sum(loss_mask: torch.Tensor, losses: torch.Tensor):
@@ -412,15 +442,20 @@ class Trainer:
             self.sources = _data_prefixes(cfg, self.tokenizer)
             self.data_fingerprint = data.fingerprint(self.sources) if parallel.is_main() else None
         self.resume_dir, self.saved_at = None, None
+        self.packer = None  # built with the dataset (build)
         self.lineage = self._lineage()
         self.num_micro = cfg.train.global_batch // (cfg.train.micro_batch * layout.dp)
         self.full_logits, _, self.loss_line = loss_plan(cfg, self.preset, layout.dp, dtype)
 
-    def _lineage(self) -> lineage.Lineage:
-        """The pretraining this run descends from (the resumed run's, else init.from's), carried forward."""
+    def _lineage(self, longest_document: int | None = None) -> lineage.Lineage:
+        """The pretraining this run descends from (the resumed run's, else init.from's), carried forward;
+        ``longest_document``: with packed documents, the longest trained on so far (None: not yet known)."""
         parent = self.resume_dir or self.cfg.init.from_
+        d = self.cfg.data
         return lineage.training_lineage(checkpoint.read_meta(parent) if parent else None,
-                                        self.cfg.rope.base, self.cfg.train.seq_len)
+                                        self.cfg.rope.base, self.cfg.train.seq_len,
+                                        documents=d.reset_position_ids or d.reset_attention_mask,
+                                        longest_document=longest_document)
 
     def find_resume_point(self) -> list[str]:
         """Choose the checkpoint to resume from (verified; checkpoint.on_corrupt decides whether a damaged
@@ -444,6 +479,7 @@ class Trainer:
 
     # -- building
     def build(self) -> None:
+        from megatron.core import parallel_state
         from megatron.core.distributed import DistributedDataParallel, finalize_model_grads
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -480,7 +516,11 @@ class Trainer:
         config.grad_scale_func = getattr(self.optimizer, "scale_loss", None)  # megatron's loss scale (1 in bf16)
         self.forward_backward = get_forward_backward_func()
         self.dataset = data.build_gpt_dataset(self.sources, t.seq_len, t.steps * t.global_batch, t.seed,
-                                              self.tokenizer, cache_dir=cfg.data.cache_dir)
+                                              self.tokenizer, cache_dir=cfg.data.cache_dir, **cfg.data.documents())
+        self.packer = packing.Packing(
+            cfg.data.reset_position_ids, cfg.data.reset_attention_mask, self.tokenizer.eod, cfg.model.backend,
+            self.layout.cp, parallel_state.get_context_parallel_rank(),
+            packing.thd_multiple(self.layout.cp, self.layout.tp, cfg.parallel.sequence_parallel, bool(t.fp8)))
 
     # -- one step
     def _forward_step(self, data_iterator, model):
@@ -492,7 +532,7 @@ class Trainer:
 
         batch = next(data_iterator)
         output = token_losses(model, batch["tokens"], batch["labels"], batch["position_ids"], with_accuracy=False,
-                              full_logits=self.full_logits)
+                              full_logits=self.full_logits, packed_seq_params=batch.get("packed_seq_params"))
         if get_attr_wrapped_model(model, "post_process") and isinstance(output, tuple):
             output = output[0]  # (losses, accuracy or None): the loss is what the schedule back-propagates
         return output, functools.partial(token_loss_sum, batch["loss_mask"])
@@ -504,7 +544,7 @@ class Trainer:
             ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
         data_iterators = [micro_batches(self.dataset, state.consumed_samples, t.micro_batch, self.layout.dp,
-                                        self.dp_rank, self.num_micro, self.layout.cp) for _ in self.ddps]
+                                        self.dp_rank, self.num_micro, self.layout.cp, self.packer) for _ in self.ddps]
         reports = self.forward_backward(forward_step_func=self._forward_step, data_iterator=data_iterators,
                                         model=self.ddps, num_microbatches=self.num_micro, seq_length=t.seq_len,
                                         micro_batch_size=t.micro_batch)
@@ -530,22 +570,37 @@ class Trainer:
         return StepResult(_finite(loss), grad_norm, lr, bool(updated), stops > 0, time.perf_counter() - started)
 
     # -- checkpoints
-    def checkpoint_meta(self, state: TrainState) -> dict:
-        """megarope.json of a training checkpoint: the model, its RoPE and tokenizer, how it was trained."""
+    def checkpoint_meta(self, state: TrainState, longest_document: int | None = None) -> dict:
+        """megarope.json of a training checkpoint: the model, its RoPE and tokenizer, how it was trained
+        (with packed documents, the options and the longest document trained on)."""
         t = self.cfg.train
+        trained = {"seq_len": t.seq_len, "tokens": state.consumed_samples * t.seq_len, **self._precision(),
+                   "documents": self.cfg.data.documents()}
+        if longest_document is not None:
+            trained["longest_document"] = longest_document
         return checkpoint.model_meta(self.chunks[0], tokenizer=self.tokenizer.spec,
-                                     tokenizer_digest=self.tokenizer.digest, step=state.step,
-                                     trained={"seq_len": t.seq_len, "tokens": state.consumed_samples * t.seq_len,
-                                              **self._precision()},
-                                     lineage=self.lineage.to_dict())
+                                     tokenizer_digest=self.tokenizer.digest, step=state.step, trained=trained,
+                                     lineage=self._lineage(longest_document).to_dict())
+
+    def longest_document(self) -> int | None:
+        """The longest document any rank has trained on (collective: every rank calls it); None when the run
+        packs no documents (the trained length is then train.seq_len)."""
+        if not self.packer.active:
+            return None
+        value = torch.tensor([self.packer.longest], dtype=torch.int64, device=parallel.device())
+        if dist.is_initialized() and self.layout.world > 1:
+            dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return int(value.item())
 
     def save(self, state: TrainState) -> str:
         """Save a checkpoint of ``state``. A save that fails (a full disk) ends the run: every rank raises
         one line naming the checkpoint, why, and the checkpoint that a rerun resumes from, which the
         failed save left as it was (and metrics.jsonl keeps every line written)."""
         cfg, layout = self.cfg, self.layout
+        longest = self.longest_document()
         train_state = {"consumed_samples": state.consumed_samples, "tokens": state.consumed_samples * cfg.train.seq_len,
                        "nan_skips": state.nan_skips, "loss": state.loss, "scheduler": self.scheduler.state_dict(),
+                       "longest_document": longest,
                        "optimizer": self.optimizer_kind, "ddp_bucket_size": self.bucket_size,
                        "precision": self._precision(),
                        "layout": {"tp": layout.tp, "cp": layout.cp, "pp": layout.pp, "vpp": layout.vpp,
@@ -554,7 +609,7 @@ class Trainer:
         try:
             self.saved_at = checkpoint.save_training(
                 self.root, state.step, self.chunks, self.optimizer, train_state, rng_state(),
-                self.checkpoint_meta(state), cfg.checkpoint.keep, self.tokenizer.path,
+                self.checkpoint_meta(state, longest), cfg.checkpoint.keep, self.tokenizer.path,
                 optimizer_metadata=CHECKPOINT_METADATA)
         except UsageError as e:
             then = (f"a rerun resumes from {self.saved_at}" if self.saved_at else "no checkpoint was saved before it")
@@ -569,6 +624,8 @@ class Trainer:
             self.scheduler.load_state_dict(saved["scheduler"])
             if rank_state is not None:
                 set_rng_state(rank_state)
+            self.packer.longest = saved.get("longest_document") or 0
+            self.lineage = self._lineage(saved.get("longest_document"))
             where = f"resuming from {self.resume_dir} (step {saved['step']})"
             if cfg.init.from_:
                 where += "; init.from is not used when resuming"
@@ -598,6 +655,19 @@ class Trainer:
         return ["RoPE plan from the lineage:", *(f"  {line}" for line in lin.describe().splitlines()),
                 *(f"  {line}" if line else "" for line in planner.format_plan(plan).splitlines())]
 
+    def documents_line(self) -> str:
+        """What a document boundary (EOD) means in this run: megatron's three options, and the attention's layout."""
+        options = self.cfg.data.documents()
+        named = ", ".join(f"{name} {'on' if on else 'off'}" for name, on in options.items())
+        if not self.packer.active:
+            return f"documents: {named} (positions and attention run on across EOD)"
+        te = self.cfg.model.backend == "te"
+        how = ("attention inside each document, THD packing through Transformer Engine" if te
+               else "attention inside each document, the others' keys skipped" if self.packer.separate
+               else "attention across documents")
+        return (f"documents: {named} ({how}; the law's tune length is the longest document trained on, "
+                f"recorded in each checkpoint)")
+
     def banner(self, start: str) -> None:
         from megarope.loss import cross_entropy_name
 
@@ -611,6 +681,7 @@ class Trainer:
             f"data: {', '.join(f'{w:g} x {prefix}' if len(self.sources) > 1 else prefix for prefix, w in self.sources)}"
             f" ({len(self.dataset):,} samples of {t.seq_len} tokens), tokenizer {self.tokenizer.spec} "
             f"(vocab {self.tokenizer.vocab_size:,})",
+            self.documents_line(),
             f"schedule: {t.steps} steps x {t.global_batch} sequences ({self.num_micro} micro batches of "
             f"{t.micro_batch} per data-parallel rank, megatron's {self.forward_backward.__name__}), AdamW lr {t.lr:g}, "
             f"warmup {t.warmup_steps}, {t.lr_decay_style} to {t.min_lr:g}, clip {t.clip_grad:g}, "
@@ -850,6 +921,12 @@ def check_resume(cfg: configuration.Config, resume_dir: str, precision: dict, la
     if old_rope is not None and old_rope != new_rope:
         changed = ", ".join(f"rope.{k}: {old_rope.get(k)} -> {v}" for k, v in new_rope.items() if old_rope.get(k) != v)
         raise UsageError(f"{resume_dir} was trained with another RoPE ({changed}); {hint}")
+    old_documents = {name: saved.get("config", {}).get("data", {}).get(name, False)
+                     for name in configuration.DOCUMENT_OPTIONS}
+    if old_documents != cfg.data.documents():
+        changed = ", ".join(f"data.{k}: {str(old_documents[k]).lower()} -> {str(v).lower()}"
+                            for k, v in cfg.data.documents().items() if old_documents[k] != v)
+        raise UsageError(f"{resume_dir} was trained with other document options ({changed}); {hint}")
     old_precision = saved.get("precision")
     if old_precision is not None and old_precision != precision:
         changed = ", ".join(f"{k}: {old_precision.get(k)} -> {v}"

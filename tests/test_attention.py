@@ -9,6 +9,7 @@ import os
 import sysconfig
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -24,14 +25,14 @@ S, B, H, HK, D = 48, 2, 4, 2, 8
 
 def reference(q, k, v, t_ref=None):
     """Plain softmax attention: [s, b, h, d] in, [s, b, h*d] out; causal, GQA, log-scaled queries."""
-    s = q.shape[0]
+    s, b = q.shape[:2]
     if t_ref is not None:
         t = torch.arange(1, s + 1, dtype=torch.float64)
         q = q * torch.clamp(torch.log(t) / math.log(t_ref), min=1).to(q.dtype)[:, None, None, None]
     k, v = (x.repeat_interleave(H // HK, dim=2) for x in (k, v))
     scores = torch.einsum("qbhd,kbhd->bhqk", q, k) / math.sqrt(D)
     scores = scores.masked_fill(torch.ones(s, s, dtype=torch.bool).triu(1), float("-inf"))
-    return torch.einsum("bhqk,kbhd->qbhd", scores.softmax(-1), v).reshape(s, B, H * D)
+    return torch.einsum("bhqk,kbhd->qbhd", scores.softmax(-1), v).reshape(s, b, H * D)
 
 
 def _inputs():
@@ -200,18 +201,92 @@ def test_refusals():
         A.set_cp_comm(torch.nn.Linear(1, 1), "alltoall")
 
 
+# ----------------------------------------------------------------------------------------------- documents
+BOUNDS = ((0, 11, 30, 48), (0, 23, 24, 48))  # a document per row straddles CP chunks; one is one token long
+
+
+def document_reference(q, k, v, bounds, t_ref=None):
+    """Each document of each row on its own: plain softmax attention, log-scaled by its own positions."""
+    out = torch.zeros(S, B, H * D, dtype=q.dtype)
+    for b, row in enumerate(bounds):
+        for start, end in zip(row, row[1:]):
+            out[start:end, b] = reference(*(x[start:end, b:b + 1] for x in (q, k, v)), t_ref)[:, 0]
+    return out
+
+
+def _documents(bounds, mine=slice(None)):
+    from megarope.packing import Documents
+
+    positions = torch.tensor([[p - max(s for s in row if s <= p) for p in range(S)] for row in bounds])
+    return Documents(qkv_format="sbhd", max_seqlen_q=S, max_seqlen_kv=S, bounds=bounds, separate=True,
+                     positions=positions[:, mine], lengths=torch.zeros_like(positions[:, mine]))
+
+
+@pytest.mark.parametrize("t_ref", [None, 16])
+def test_documents_in_one_process_equal_each_document_alone_forward_and_backward(t_ref):
+    leaves = [x.clone().requires_grad_() for x in _inputs()]
+    out = make_core(RopeConfig(log_scale_ref=t_ref), 1)(*leaves, packed_seq_params=_documents(BOUNDS))
+    expected_leaves = [x.clone().requires_grad_() for x in _inputs()]
+    expected = document_reference(*expected_leaves, BOUNDS, t_ref)
+    torch.testing.assert_close(out, expected)
+    grad = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(3))
+    out.backward(grad)
+    expected.backward(grad)
+    for got, want in zip(leaves, expected_leaves):
+        torch.testing.assert_close(got.grad, want.grad)
+
+
+def test_parts_split_at_document_bounds_and_skip_the_others():
+    """A causal chunk over itself: each document's rows causally. Unmasked keys before the queries: each run of
+    queries over the runs of keys of its own document, gathered keys cut where their positions jump."""
+    bounds = [0, 10, 25, 40]
+    assert A.document_parts(np.arange(8, 16), None, True, bounds) == [(slice(0, 2), slice(0, 2), True),
+                                                                       (slice(2, 8), slice(2, 8), True)]
+    queries, keys = np.arange(24, 32), np.arange(0, 16)  # chunk 3 over chunks 0-1: documents 0, 1 | 1, 2
+    assert A.document_parts(queries, keys, False, bounds) == [(slice(0, 1), slice(10, 16), False)]
+    keys = np.concatenate([np.arange(16, 20), np.arange(8, 12)])  # two chunks, gathered in rank order
+    assert A.document_parts(queries, keys, False, bounds) == [(slice(0, 1), slice(0, 4), False),
+                                                              (slice(0, 1), slice(6, 8), False)]
+    assert A.document_parts(np.arange(32, 40), np.arange(0, 8), False, bounds) == []  # no document in common
+
+
+def test_kernel_args_of_a_document_sub_part():
+    """With documents the CP core hands the kernels one batch row's rows of a part: [1, h, n, d] views of
+    [s, b, h, d] buffers, whose rows lie b * h * d apart; kernel_args lays them out as the CUDA kernel reads
+    them, and the attention they pose is the part's."""
+    g = torch.Generator().manual_seed(8)
+    q_buf, out_buf, grad_buf = (torch.randn(S, B, H, D, dtype=torch.float64, generator=g) for _ in range(3))
+    kv_buf = torch.randn(S, B, 2 * HK, D, dtype=torch.float64, generator=g)
+    rows, keys, batch = slice(30, 41), slice(20, 29), slice(1, 2)
+    for causal, key_rows in ((True, rows), (False, keys)):
+        q, out, grad = (x[rows, batch].permute(1, 2, 0, 3) for x in (q_buf, out_buf, grad_buf))
+        k, v = (kv_buf[key_rows, batch, part].permute(1, 2, 0, 3) for part in (slice(0, HK), slice(HK, None)))
+        assert not _rows_as_the_kernel_assumes(out)
+        lse = torch.randn(1, H, S, dtype=torch.float64, generator=g)[..., rows].contiguous()
+        args = A.kernel_args(q, k, v, causal, grad, out, lse)
+        for x in (args.out, args.grad_out):
+            assert _rows_as_the_kernel_assumes(x) and torch.equal(_as_the_kernel_reads(x), x)
+        expected = A.attention_with_lse_backward(grad, q, k, v, out, lse, causal, D ** -0.5)
+        dq, dk, dv = A.attention_with_lse_backward(args.grad_out, args.q, args.k, args.v, args.out,
+                                                   args.lse[..., :args.q.shape[2]], causal, D ** -0.5)
+        for got, want in zip((args.unfold(dq), args.kv_grad(dk), args.kv_grad(dv)), expected):
+            torch.testing.assert_close(got, want)
+
+
 # ----------------------------------------------------------------------------------------------- under CP
 def _attention_at(cp):
-    """Every (log-scaling, K/V passing) case at this CP: this rank's positions, outputs and input gradients."""
+    """Every (log-scaling, K/V passing, documents) case at this CP: this rank's positions, outputs and input
+    gradients."""
     parallel.init(cp=cp)
     mine = cp_local_positions(S, cp, dist.get_rank(parallel.cp_group()))
     results = {}
     for t_ref in (None, 16):
         for comm in ("all-gather", "ring"):
-            local = [x[mine].clone().requires_grad_() for x in _inputs()]
-            out = make_core(RopeConfig(log_scale_ref=t_ref), cp, comm)(*local)
-            out.square().sum().backward()
-            results[t_ref, comm] = (out.detach(), [x.grad for x in local])
+            for documents in (None, _documents(BOUNDS, mine)):
+                local = [x[mine].clone().requires_grad_() for x in _inputs()]
+                out = make_core(RopeConfig(log_scale_ref=t_ref), cp, comm)(*local, packed_seq_params=documents)
+                out.square().sum().backward()
+                results[t_ref, comm, documents is not None] = (out.detach(), [x.grad for x in local])
     with pytest.raises(ValueError, match="two equal chunks"):
         A.context_parallel_attention(*(x[:3] for x in _inputs()), parallel.cp_group(), 1.0)
     return mine, results
@@ -251,32 +326,108 @@ def _model_loss_and_grads(cp: int, comm: str) -> dict:
     return out
 
 
+DOC_LENGTHS = ([50, 37, 41], [41, 50, 37])  # two rows of three documents, 128 tokens each
+PACKED_ROPE = {"base": 10000, "train_len": 32, "dynamic_ntk": True, "log_scale_ref": 16}
+
+
+def _packed_documents():
+    """The documents of DOC_LENGTHS: random bytes, each ending in EOD (256)."""
+    g = torch.Generator().manual_seed(9)
+    return [[torch.cat([torch.randint(0, 256, (n - 1,), generator=g), torch.tensor([256])]) for n in row]
+            for row in DOC_LENGTHS]
+
+
+def _packed_model():
+    from megarope.model import build_model, get_preset
+
+    parallel.seed_everything(1234)  # the same weights at every layout
+    return build_model(get_preset("toy", max_seq_len=128, num_layers=2), RopeConfig(**PACKED_ROPE),
+                       sequence_parallel=True)
+
+
+def documents_alone() -> tuple[torch.Tensor, torch.Tensor]:
+    """Each document of DOC_LENGTHS run on its own (one process): per-token losses [2, 128] in packed order,
+    and the gradient of their sum."""
+    from megarope import loss as loss_mod
+
+    parallel.init()
+    model = _packed_model()
+    rows = []
+    for documents in _packed_documents():
+        row = torch.cat(documents)
+        labels = torch.roll(row, -1)  # the packed sequence's labels: a document's EOD predicts the next one
+        starts = np.cumsum([0] + [len(d) for d in documents])
+        rows.append(torch.cat([loss_mod.token_losses(model, row[None, a:b], labels[None, a:b])[0]
+                               for a, b in zip(starts, starts[1:])], dim=1))
+    losses = torch.cat(rows)
+    losses.sum().backward()
+    grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+    parallel.destroy()
+    return losses.detach(), grads
+
+
+def _packed_at(tp: int, cp: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The documents packed into two rows of 128 (megarope.packing, local backend) at TP x CP: this rank's
+    positions, per-token losses, and (TP 1) the gradient of the loss sum over all tokens."""
+    from megarope import loss as loss_mod
+    from megarope import packing
+
+    parallel.init(tp=tp, cp=cp)
+    model = _packed_model()
+    tokens = torch.stack([torch.cat(row) for row in _packed_documents()])
+    batch = {"tokens": tokens, "labels": torch.roll(tokens, -1, 1), "loss_mask": torch.ones(tokens.shape),
+             "position_ids": torch.stack([torch.cat([torch.arange(n) for n in row]) for row in DOC_LENGTHS])}
+    rank = dist.get_rank(parallel.cp_group())
+    local, documents = packing.Packing(True, True, 256, "local", cp, rank).pack(batch)
+    losses, _ = loss_mod.token_losses(model, local["tokens"], local["labels"], local["position_ids"],
+                                      packed_seq_params=documents)
+    losses.sum().backward()
+    grads = None
+    if tp == 1:
+        grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+        dist.all_reduce(grads, group=parallel.cp_group())
+    return cp_local_positions(128, cp, rank), losses.detach(), grads
+
+
 def _at_cp_1_2_4():
     """On 4 ranks: the attention alone at CP=4 and CP=2 (x DP 2); the model at CP=4 and CP=2 with either
-    way of passing K/V, and at CP=1 (x DP 4)."""
+    way of passing K/V, and at CP=1 (x DP 4); packed documents in the model at TP x CP = 1 x 1, 1 x 2, 2 x 1
+    and 2 x 2."""
     return {"attention": {cp: _attention_at(cp) for cp in (4, 2)},
+            "packed": {(tp, cp): _packed_at(tp, cp) for tp, cp in ((1, 1), (1, 2), (2, 1), (2, 2))},
             "model": {(cp, comm): _model_loss_and_grads(cp, comm)
                       for cp, comm in ((4, "all-gather"), (4, "ring"), (2, "auto"), (2, "ring"), (1, "auto"))}}
 
 
+@pytest.fixture(scope="module")
+def four_ranks():
+    """_at_cp_1_2_4's results on each of 4 ranks (one start of the processes for the tests that read them)."""
+    return run_distributed(_at_cp_1_2_4, 4)
+
+
 @pytest.mark.slow  # 30-100 s: four processes on two cores
-def test_cp_2_and_4_equal_one_process_forward_and_backward():
+def test_cp_2_and_4_equal_one_process_forward_and_backward(four_ranks):
+    """The attention alone, with and without documents (each against its one-process reference), and the model."""
     expected = {}
     for t_ref in (None, 16):
-        q, k, v = (x.clone().requires_grad_() for x in _inputs())
-        out = reference(q, k, v, t_ref)
-        out.square().sum().backward()
-        expected[t_ref] = (out.detach(), (q.grad, k.grad, v.grad))
-    results = run_distributed(_at_cp_1_2_4, 4)
+        for documents in (False, True):
+            q, k, v = (x.clone().requires_grad_() for x in _inputs())
+            out = document_reference(q, k, v, BOUNDS, t_ref) if documents else reference(q, k, v, t_ref)
+            out.square().sum().backward()
+            expected[t_ref, documents] = (out.detach(), (q.grad, k.grad, v.grad))
+    results = four_ranks
     for rank_results in results:
         # the attention alone, in float64: CP = reference, and ring = all-gather
         for cp, (mine, cases) in rank_results["attention"].items():
-            for (t_ref, comm), (out, grads) in cases.items():
-                torch.testing.assert_close(out, expected[t_ref][0][mine], rtol=1e-12, atol=1e-12)
-                for got, full in zip(grads, expected[t_ref][1]):
+            for (t_ref, comm, documents), (out, grads) in cases.items():
+                want_out, want_grads = expected[t_ref, documents]
+                torch.testing.assert_close(out, want_out[mine], rtol=1e-12, atol=1e-12)
+                for got, full in zip(grads, want_grads):
                     torch.testing.assert_close(got, full[mine], rtol=1e-12, atol=1e-12)
             for t_ref in (None, 16):
-                torch.testing.assert_close(cases[t_ref, "ring"], cases[t_ref, "all-gather"], rtol=1e-12, atol=1e-12)
+                for documents in (False, True):
+                    torch.testing.assert_close(cases[t_ref, "ring", documents], cases[t_ref, "all-gather", documents],
+                                               rtol=1e-12, atol=1e-12)
         # the whole model, in float32: loss and every gradient within 1e-5 of CP=1
         model = rank_results["model"]
         for layout, got in model.items():
@@ -287,6 +438,21 @@ def test_cp_2_and_4_equal_one_process_forward_and_backward():
                 assert err <= 1e-5, (layout, name, err)
     one = results[0]["model"][1, "auto"]  # the RoPE cases really differ at 512 tokens (train_len 128)
     assert len({round(one[name][0], 6) for name in MODEL_ROPES}) == len(MODEL_ROPES)
+
+
+@pytest.mark.slow  # the processes of four_ranks
+def test_packed_documents_give_each_token_the_loss_it_has_alone_at_cp_and_tp(four_ranks):
+    """Three documents in each of two rows of 128 tokens (the local backend: megarope's attention skips the
+    other documents' keys, RoPE and log-scaling take each token's own position, dynamic NTK each document's
+    length): per token, the loss of each document run on its own, at CP 1 and 2 and TP 1 and 2 (sequence
+    parallel); the gradient too (TP 1, summed over CP)."""
+    alone, alone_grads = documents_alone()
+    for rank_results in four_ranks:
+        for (tp, cp), (mine, losses, grads) in rank_results["packed"].items():
+            torch.testing.assert_close(losses, alone[:, mine], rtol=1e-5, atol=1e-5, msg=f"TP {tp} x CP {cp}")
+            if grads is not None:
+                err = float((grads - alone_grads).abs().max() / alone_grads.abs().max())
+                assert err <= 1e-5, (tp, cp, err)
 
 
 # ----------------------------------------------------------------------------------------------- training

@@ -45,6 +45,8 @@ def test_defaults_and_the_required_dotted_keys_exist():
     assert (cfg.parallel.pp, cfg.parallel.vpp, cfg.parallel.gpu_memory_gb) == (1, None, 80.0)
     assert cfg.checkpoint.on_corrupt == "error"  # a damaged checkpoint stops the run unless the user says otherwise
     assert load_config(None, ["data.path=p", "checkpoint.on_corrupt=previous"]).checkpoint.on_corrupt == "previous"
+    # megatron's document options, off by default as in megatron
+    assert cfg.data.documents() == {"reset_position_ids": False, "reset_attention_mask": False, "eod_mask_loss": False}
 
 
 def test_rope_section_has_exactly_the_fields_of_rope_config():

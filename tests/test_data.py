@@ -309,6 +309,29 @@ def test_build_gpt_dataset_samples(tmp_path):
     assert any(ds[i]["tokens"].tolist() != other[i]["tokens"].tolist() for i in range(40))
 
 
+def test_document_options_restart_positions_and_drop_the_loss_across_boundaries(tmp_path):
+    """megatron's reset_position_ids and eod_mask_loss through build_gpt_dataset: positions restart right after
+    each EOD (where packing.document_bounds puts a document's start), and the loss is dropped exactly where the
+    input token is EOD (the prediction of the next document's first token); reset_attention_mask builds no mask."""
+    from megarope.packing import document_bounds
+
+    corpus = write_jsonl(tmp_path / "c.jsonl", ["x" * n for n in (20, 33, 9, 41, 27, 15, 38)] * 3)
+    prefix = data.preprocess([corpus], "bytes", str(tmp_path / "ds"))["prefix"]
+    options = dict(reset_position_ids=True, reset_attention_mask=True, eod_mask_loss=True)
+    ds = data.build_gpt_dataset(prefix, 64, 8, 5, "bytes", cache_dir=str(tmp_path / "cache"), **options)
+    plain = data.build_gpt_dataset(prefix, 64, 8, 5, "bytes", cache_dir=str(tmp_path / "cache"))
+    for i in range(8):
+        sample, tokens = ds[i], ds[i]["tokens"]
+        assert set(sample) == {"tokens", "labels", "loss_mask", "position_ids"}  # no attention mask
+        assert tokens.tolist() == plain[i]["tokens"].tolist()
+        bounds = document_bounds(tokens, 256)
+        assert len(bounds) > 2  # documents of 10 to 42 tokens in 64
+        restarted = [p for start, end in zip(bounds, bounds[1:]) for p in range(end - start)]
+        assert sample["position_ids"].tolist() == restarted
+        assert sample["loss_mask"].tolist() == [0.0 if t == 256 else 1.0 for t in tokens.tolist()]
+        assert plain[i]["position_ids"].tolist() == list(range(64)) and plain[i]["loss_mask"].sum() == 64
+
+
 def test_build_gpt_dataset_default_cache_beside_data(two_prefixes, tmp_path):
     ds = data.build_gpt_dataset(two_prefixes[0], 16, 10, 0, "bytes", split_name="valid")
     assert len(ds) >= 10 and ds[0]["tokens"].shape == (16,)

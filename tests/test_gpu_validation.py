@@ -26,7 +26,7 @@ def test_the_dry_run_passes_every_check_and_writes_its_reports(tmp_path):
     assert sorted(os.listdir(out)) == ["log.txt", "profile.txt", "results.json", "results.md"]
     report = json.loads((out / "results.json").read_text())
     checks = {c["name"]: c for c in report["checks"]}
-    assert list(checks) == ["environment", "tests/gpu", "multi_rank", "long_eval", "throughput"]
+    assert list(checks) == ["environment", "tests/gpu", "multi_rank", "packed", "long_eval", "throughput"]
     assert all(c["status"] == "pass" for c in checks.values()), {n: c["summary"] for n, c in checks.items()}
     tests = {t["test"].split("::")[1].split("[")[0]: t["outcome"] for t in checks["tests/gpu"]["tests"]}
     assert tests["test_a_checkpoint_of_one_backend_gives_the_same_logits_in_the_other"] == "passed"
@@ -46,6 +46,8 @@ def test_the_dry_run_passes_every_check_and_writes_its_reports(tmp_path):
         "tp2-te-sp": "pass", "cp2-te": "skipped", "cp2-local": "pass", "dp2": "pass", "pp2": "pass"}
     assert all(row["resumed_from_step"] == 1 for row in rows.values() if row["status"] == "pass")
     assert checks["multi_rank"]["bf16_fp32_gap"]["local"] > 0  # measured in the same run, on the CPU
+    (packed,) = checks["packed"]["rows"]  # the local backend in fp32 on a CPU: each token's loss alone
+    assert packed["max_abs_diff"] <= packed["tolerance"] < packed["crossing_max_abs_diff"] / 2
     markdown = (out / "results.md").read_text()
     assert "| check | status | seconds | summary |" in markdown and "## Long-sequence evaluation" in markdown
     assert "megarope / transformers: time" in markdown and "After 1 warm-up steps each" in markdown

@@ -68,6 +68,22 @@ def test_training_lineage_carries_the_pretraining_forward():
     assert shorter.tune_len == 64 and shorter.effective_tune_len == 8192
 
 
+def test_with_packed_documents_the_tune_length_is_the_longest_document():
+    """Positions or attention restarting at each document: no query sees farther than its document is long, so
+    the run trained at its longest document's length; train.seq_len only bounds it until one is recorded."""
+    parent = {"lineage": L.from_hf_config(LLAMA31).to_dict()}
+    measured = L.training_lineage(parent, base=1e6, seq_len=16384, documents=True, longest_document=9000)
+    assert (measured.pretrain_len, measured.tune_len) == (8192, 9000)
+    assert measured.sources["tune_len"].startswith("the longest document trained on") and "16384" in \
+        measured.sources["tune_len"]
+    bound = L.training_lineage(parent, base=1e6, seq_len=16384, documents=True)
+    assert bound.tune_len == 16384 and "an upper bound" in bound.sources["tune_len"]
+    scratch = L.training_lineage(None, base=1e4, seq_len=128, documents=True, longest_document=70)
+    assert (scratch.pretrain_len, scratch.tune_len) == (70, 70)
+    assert scratch.sources["pretrain_len"] == "this run's longest document (trained from random weights)"
+    assert L.lineage_of({"lineage": measured.to_dict()}) == measured  # what plan --from and eval read back
+
+
 @pytest.mark.parametrize("rotary_percent, kv_channels", [(1.0, None), (0.25, None), (1.0, 32)])
 def test_predicted_bound_uses_the_rotary_dimension(rotary_percent, kv_channels):
     meta = {"preset": {**PRESET, "kv_channels": kv_channels},

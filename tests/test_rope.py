@@ -141,3 +141,50 @@ def test_llama3_scaling_with_all_four_numbers_equals_transformers():
 def test_describe():
     assert R.RopeConfig(base=5e5, llama3_factor=8.0).describe() == "base 500000, Llama-3 scaling x8"
     assert "YaRN x4 from 64 (attention factor 1.139)" in R.RopeConfig(yarn={"factor": 4.0, "original_len": 64}).describe()
+
+
+def _documents(lengths: list[int]):
+    """One row of documents of these lengths, positions restarting at each, as packing lays them out (local)."""
+    from megarope.packing import Documents
+
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    spans = torch.cat([torch.full((n,), n) for n in lengths])[None]
+    total = sum(lengths)
+    return Documents(qkv_format="sbhd", max_seqlen_q=total, max_seqlen_kv=total, separate=True,
+                     positions=positions, lengths=spans, table_lengths=tuple(sorted(set(lengths))))
+
+
+@pytest.mark.parametrize("rope", [R.RopeConfig(base=500.0, train_len=16, dynamic_ntk=True, log_scale_ref=16),
+                                  R.RopeConfig(base=1e4, linear_factor=2.0),
+                                  R.RopeConfig(base=500.0, yarn={"factor": 4.0, "original_len": 16})],
+                         ids=["dynamic-ntk", "linear", "yarn"])
+def test_a_document_packed_with_others_gets_the_table_it_gets_alone(rope):
+    """GPTModel asks for the length with the micro batch's packed-sequence parameters, then for the table: with
+    packed documents each token gets the row of its own position, from its own document's table (dynamic NTK's
+    base from its length); the next call, without documents, gets megatron's table again."""
+    from megarope import compat
+
+    compat.apply()
+    lengths = [20, 9, 35]
+    table = R.rotary_embedding(rope, kv_channels=32)
+
+    def angles(length):
+        out = table(length)
+        return (out[0] if isinstance(out, tuple) else out)[:, 0, 0]
+
+    documents = _documents(lengths)
+    assert table.get_rotary_seq_len(None, None, None, None, documents) == 64
+    packed = table(64)
+    packed = packed[0] if isinstance(packed, tuple) else packed
+    assert packed.shape == (64, 1, 1, 32)
+    start = 0
+    for n in lengths:
+        assert torch.equal(packed[start:start + n, 0, 0], angles(n))
+        start += n
+    assert torch.equal(angles(64), angles(64)) and not torch.equal(angles(64)[20:29], packed[20:29, 0, 0])
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(sequence_parallel=False, tensor_model_parallel_size=1, context_parallel_size=1)
+    assert table.get_rotary_seq_len(None, None, torch.zeros(64, 1, 8), config, None) == 64  # nothing packed
+    again = table(64)
+    assert torch.equal(again[0] if isinstance(again, tuple) else again, angles(64)[:, None, None])

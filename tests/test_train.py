@@ -15,6 +15,7 @@ import textwrap
 import time
 
 import importlib.util
+import itertools
 
 import pytest
 import torch
@@ -24,6 +25,8 @@ from megarope.cli import main
 from megarope.errors import UsageError
 from megarope.model import get_preset
 from megarope.optim import CHECKPOINT_METADATA
+from megarope.packing import document_bounds
+from megarope.rope import RopeConfig
 from distributed import run_distributed
 
 pytestmark = [pytest.mark.filterwarnings("ignore:Could not determine rank"),
@@ -335,7 +338,9 @@ def test_what_train_refuses_eval_and_passkey_would_refuse(corpus, sentencepiece_
 @pytest.mark.parametrize("change, words", [("train.seq_len=128", "trained with train.seq_len=64"),
                                            ("train.global_batch=8", "trained with train.global_batch=4"),
                                            ("rope.base=1e6", "another RoPE (rope.base: 10000.0 -> 1000000.0)"),
-                                           ("train.dtype=bf16", "other numerics (dtype: fp32 -> bf16)")])
+                                           ("train.dtype=bf16", "other numerics (dtype: fp32 -> bf16)"),
+                                           ("data.reset_attention_mask=true", "other document options "
+                                            "(data.reset_attention_mask: false -> true)")])
 def test_resuming_something_else_is_refused(corpus, reference, tmp_path, capsys, change, words):
     shutil.copytree(reference["dir"], tmp_path / "run")
     before = sorted(os.listdir(tmp_path / "run"))
@@ -473,6 +478,16 @@ def test_gpu_checks_before_anything_starts(corpus, tmp_path):
     with pytest.raises(UsageError, match="36 tokens per rank .* not divisible by 8"):
         train.check_fp8_shapes(toy, cfg("train.fp8=e4m3", "train.seq_len=72", "parallel.tp=2", "train.micro_batch=1",
                                         "train.global_batch=4"))
+    # the te backend packs documents as THD: what it cannot do is refused before anything starts
+    packed = ("model.backend=te", "data.reset_position_ids=true", "data.reset_attention_mask=true")
+    train.check_config(cfg(*packed, "parallel.cp=2", "train.fp8=e4m3"), H100)
+    for extra, words in ((("data.reset_attention_mask=false",), "positions and attention restart together"),
+                         (("parallel.pp=2",), "use parallel.pp 1, or model.backend local"),
+                         (("rope.dynamic_ntk=true", "rope.train_len=32"), "dynamic NTK cannot take each document")):
+        with pytest.raises(UsageError, match=words):
+            train.check_config(cfg(*packed, *extra), H100)
+    train.check_config(cfg(*packed, "rope.dynamic_ntk=true"), H100)  # train_len = seq_len: no base changes
+    train.check_config(cfg("data.reset_position_ids=true", "rope.dynamic_ntk=true", "rope.train_len=32"), None)
 
 
 def test_megarope_device_cpu_on_a_gpu_machine_is_checked_as_a_cpu_run(corpus, tmp_path, monkeypatch):
@@ -645,6 +660,86 @@ def test_tp2_cp2_dp2_match_one_process_and_resume_across_layouts(corpus, referen
         in (results[0]["bad"] or "")
     assert results[1]["bad"] == results[0]["bad"]
     assert not (tmp_path / "bad").exists()
+
+
+# ----------------------------------------------------------------------------------------------- documents
+PACKED = ("data.reset_attention_mask=true", "data.reset_position_ids=true")
+PACKED_ROPE = {"base": 10000.0, "train_len": 32, "dynamic_ntk": True, "log_scale_ref": 32}
+
+
+@pytest.fixture(scope="module")
+def short_documents(tmp_path_factory):
+    """A byte-level corpus of paragraphs of argparse.py, at most 120 bytes each: several documents in every
+    128-token window, most of them cut by CP's chunks."""
+    root = tmp_path_factory.mktemp("short")
+    with open(os.path.join(sysconfig.get_paths()["stdlib"], "argparse.py"), encoding="utf-8") as f:
+        paragraphs = [p.strip()[:120] for p in f.read().split("\n\n") if p.strip()]
+    with open(root / "docs.jsonl", "w") as f:
+        for text in paragraphs[:300]:
+            f.write(json.dumps({"text": text}) + "\n")
+    return data.preprocess([str(root / "docs.jsonl")], "bytes", str(root / "train"))["prefix"]
+
+
+def _packed_cli(config_path: str, cp: int) -> int:
+    """`megarope train CONFIG data.reset_attention_mask=true data.reset_position_ids=true parallel.cp=CP`."""
+    return main(["train", config_path, *PACKED, f"parallel.cp={cp}", "--no-progress"])
+
+
+def _documents_alone(model, dataset, samples, eod: int = 256) -> float:
+    """The mean token loss of these samples with each document run on its own, under their loss mask."""
+    from megarope import loss as loss_mod
+    from megarope.packing import document_bounds
+
+    total = count = 0.0
+    for i in samples:
+        sample = dataset[i]
+        bounds = document_bounds(sample["tokens"], eod)
+        with torch.no_grad():
+            losses = torch.cat([loss_mod.token_losses(model, sample["tokens"][None, a:b],
+                                                      sample["labels"][None, a:b])[0]
+                                for a, b in zip(bounds, bounds[1:])], dim=1)[0]
+        total += float((losses * sample["loss_mask"]).sum())
+        count += float(sample["loss_mask"].sum())
+    return total / count
+
+
+@pytest.mark.slow
+def test_packed_documents_train_at_cp_2_as_each_document_alone(short_documents, tmp_path, capsys):
+    """The done-when of packed training: `megarope train ... data.reset_attention_mask=true
+    data.reset_position_ids=true` at CP 2 on CPUs. Its first loss is that of each document of the first global
+    batch run on its own (with dynamic NTK and log-scaled attention, EOD's loss dropped); every later step equals
+    the same run in one process (the gradients agree); the lineage's tune length is the longest document."""
+    from megarope.model import build_model
+
+    steps = 3
+    cfg = make_cfg(short_documents, tmp_path / "cp2", "train.seq_len=128", f"train.steps={steps}",
+                   "data.eod_mask_loss=true", f"init.from={tmp_path / 'init'}", "train.lr=2e-3", *(
+                       f"rope.{k}={v}" for k, v in PACKED_ROPE.items()))
+    parallel.init(seed=cfg.train.seed)
+    model = build_model(get_preset("toy"), RopeConfig(**cfg.rope_config()))
+    checkpoint.save_model(model, str(tmp_path / "init"))
+    dataset = data.build_gpt_dataset(short_documents, 128, steps * 4, cfg.train.seed, "bytes",
+                                     reset_position_ids=True, reset_attention_mask=True, eod_mask_loss=True)
+    alone = _documents_alone(model, dataset, range(4))
+    longest = max(b - a for i in range(steps * 4)
+                  for a, b in itertools.pairwise(document_bounds(dataset[i]["tokens"], 256)))
+    parallel.destroy()
+
+    path = write_yaml(cfg, tmp_path / "c.yaml")
+    assert run_distributed(_packed_cli, 2, path, 2) == [0, 0]
+    packed = losses(tmp_path / "cp2")
+    assert abs(packed[0] - alone) <= 1e-5 * alone, (packed[0], alone)
+    assert _packed_cli(write_yaml(cfg.model_copy(update={"checkpoint": cfg.checkpoint.model_copy(
+        update={"dir": str(tmp_path / "cp1")})}), tmp_path / "c1.yaml"), 1) == 0
+    out = capsys.readouterr().out
+    assert "documents: reset_position_ids on, reset_attention_mask on, eod_mask_loss on" in out
+    one = losses(tmp_path / "cp1")
+    assert max(abs(a - b) for a, b in zip(packed, one)) <= LAYOUT_TOL * max(one), (packed, one)
+    last = checkpoint.latest_checkpoint(str(tmp_path / "cp2"))
+    assert checkpoint.read_train_state(last)["longest_document"] == longest < 128
+    meta = checkpoint.read_meta(last)
+    assert meta["trained"]["longest_document"] == longest and meta["lineage"]["tune_len"] == longest
+    assert meta["lineage"]["sources"]["tune_len"].startswith("the longest document trained on")
 
 
 @pytest.mark.slow
