@@ -443,6 +443,8 @@ class Trainer:
             self.data_fingerprint = data.fingerprint(self.sources) if parallel.is_main() else None
         self.resume_dir, self.saved_at = None, None
         self.packer = None  # built with the dataset (build)
+        # The parent's megarope.json, read once: checkpoint.keep may prune the resumed checkpoint mid-run
+        self.parent_meta = checkpoint.read_meta(cfg.init.from_) if cfg.init.from_ else None
         self.lineage = self._lineage()
         self.num_micro = cfg.train.global_batch // (cfg.train.micro_batch * layout.dp)
         self.full_logits, _, self.loss_line = loss_plan(cfg, self.preset, layout.dp, dtype)
@@ -450,9 +452,8 @@ class Trainer:
     def _lineage(self, longest_document: int | None = None) -> lineage.Lineage:
         """The pretraining this run descends from (the resumed run's, else init.from's), carried forward;
         ``longest_document``: with packed documents, the longest trained on so far (None: not yet known)."""
-        parent = self.resume_dir or self.cfg.init.from_
         d = self.cfg.data
-        return lineage.training_lineage(checkpoint.read_meta(parent) if parent else None,
+        return lineage.training_lineage(self.parent_meta,
                                         self.cfg.rope.base, self.cfg.train.seq_len,
                                         documents=d.reset_position_ids or d.reset_attention_mask,
                                         longest_document=longest_document)
@@ -468,6 +469,8 @@ class Trainer:
             check_resume(cfg, self.resume_dir, self._precision(), self.layout)
             check_data(self.resume_dir, self.data_fingerprint)
         self.saved_at = self.resume_dir
+        if self.resume_dir:
+            self.parent_meta = checkpoint.read_meta(self.resume_dir)
         self.lineage = self._lineage()
         return skipped
 
