@@ -162,6 +162,9 @@ class _DocumentTables:
     notes the micro batch's Documents (local layout: qkv_format "sbhd") and the second builds the table
     from their positions: [s, b, 1, d] angles, which megatron's unfused RoPE applies to [s, b, h, d]
     queries and keys by broadcasting. Other calls get megatron's table of positions 0..L-1.
+
+    The class it is mixed into provides ``full_table(length)``: [length, 1, 1, d] angles of positions
+    0..length-1 (dynamic NTK's base for ``length``), not CP-sliced.
     """
 
     documents: Documents | None = None
@@ -176,10 +179,6 @@ class _DocumentTables:
     def take_documents(self) -> Documents | None:
         documents, self.documents = self.documents, None
         return documents
-
-    def full_table(self, length: int) -> torch.Tensor:
-        """[length, 1, 1, d] angles of positions 0..length-1 (dynamic NTK's base for ``length``), not CP-sliced."""
-        raise NotImplementedError
 
     def document_table(self, documents: Documents) -> torch.Tensor:
         """[s, b, 1, d]: each token's angles at its own position, dynamic NTK's base from its span's length
