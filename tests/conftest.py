@@ -1,3 +1,4 @@
+import collections
 import os
 import warnings
 
@@ -25,3 +26,20 @@ def _device_and_fresh_parallel_state(request, monkeypatch):
     parallel.destroy()
     if HAS_GPU and not on_gpu:
         compat.restore()  # the GPU tests of this session see the GPU again
+
+
+
+# `make test` runs the suite in two pytest-xdist workers, one per core of the 2-core machine CI uses: each worker and
+# every process it starts computes on one thread, so that the workers do not fight over the cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The Slurm tests first, then modules with more slow tests. `make test` hands out whole modules (--dist
+    loadfile: a module's fixtures, the Slurm cluster among them, are set up once), and the long ones must not be
+    the last to start; the Slurm module, mostly waiting on its jobs, is the longest."""
+    slurm = {item.path for item in items if item.get_closest_marker("slurm")}
+    slow = collections.Counter(item.path for item in items if item.get_closest_marker("slow"))
+    items.sort(key=lambda item: (item.path not in slurm, -slow[item.path]))  # stable: a module keeps its order

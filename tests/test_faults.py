@@ -435,13 +435,15 @@ def test_a_second_run_on_the_same_checkpoint_dir_is_refused_and_a_killed_run_lea
         while len(metric_steps(run)) < 5:  # step 4's checkpoint is saved before step 5's line
             assert a.poll() is None and time.monotonic() < deadline, (tmp_path / "a.log").read_text()
             time.sleep(0.1)
-        os.kill(a.pid, signal.SIGSTOP)  # A holds still while B tries, so that the two snapshots compare
+        # A holds still while B tries, so that the two snapshots compare: all of it, the process that writes a
+        # save in progress included (A leads its own process group)
+        os.killpg(a.pid, signal.SIGSTOP)
         before = snapshot(run)
         assert main(["train", long_run, "--no-progress"]) == 2
         err = one_line(capsys.readouterr().err)
         assert f"{run} is in use by another run (pid {a.pid} on " in err and "another checkpoint.dir" in err, err
         assert_kept(run, before)
-        os.kill(a.pid, signal.SIGCONT)
+        os.killpg(a.pid, signal.SIGCONT)
         time.sleep(0.5)
     finally:
         os.killpg(a.pid, signal.SIGKILL)
