@@ -50,8 +50,8 @@ and checkpoint.dir/metrics.jsonl; config keys model.*, train.{steps, exit_at_ste
 micro_batch, lr, warmup_steps, seed, dtype, fp8, fp8_recipe}, data.{path: auto:toy, prepare_dir},
 checkpoint.{dir, every, keep}, log.tensorboard; checkpoint.save_model / load_model / build_from_checkpoint /
 read_meta / read_train_state; model.build_model / get_preset / transformer_config; loss.token_losses
-(with_accuracy, full_logits) / mean_loss; memory.estimate_training_memory / choose_loss; parallel.init /
-destroy / device; and the evaluator's estimate_eval_memory and score_sequences, imported in one place
+(with_accuracy, full_logits) / mean_loss; memory.estimate_training_memory / choose_loss;
+train_metrics.flops_per_token; parallel.init / destroy / device; and the evaluator's estimate_eval_memory and score_sequences, imported in one place
 (evaluator()).
 """
 
@@ -420,13 +420,6 @@ SHAPES = {"4k": {"layers": 8, "seq_len": 4096, "micro_batch": 2, "warmup": 5, "r
 DRY_SHAPE = {"layers": 4, "seq_len": 128, "micro_batch": 2, "warmup": 1, "rounds": 2, "steps": 2}
 
 
-def _flops_per_token(preset, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x the matmul weights a token touches + causal attention scores."""
-    h, kv = preset.hidden_size, preset.num_query_groups * preset.head_dim
-    per_layer = h * (h + 2 * kv) + h * h + 3 * h * preset.ffn_hidden_size
-    return 6.0 * (preset.num_layers * per_layer + h * preset.padded_vocab_size) + 6.0 * preset.num_layers * seq_len * h
-
-
 def _train_loss(preset, seq_len: int, micro_batch: int, dtype_bytes: int) -> bool:
     """Whether `megarope train` would take full logits at this shape (memory.choose_loss, train.loss: auto, the
     default parallel.gpu_memory_gb)."""
@@ -529,6 +522,7 @@ def _throughput_shape(args, shape: dict, result: dict, save, profile: list[str])
 
     from megarope import parallel
     from megarope.model import get_preset
+    from megarope.train_metrics import flops_per_token
     from megarope.units import format_tokens
 
     gpu, te = _gpu(), _has_te()
@@ -540,7 +534,7 @@ def _throughput_shape(args, shape: dict, result: dict, save, profile: list[str])
     tokens = torch.randint(0, preset.vocab_size, (micro_batch, seq_len + 1), generator=torch.Generator().manual_seed(0))
     tokens = tokens.to(parallel.device())
     batch = (tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())
-    flops = _flops_per_token(preset, seq_len) * micro_batch * seq_len
+    flops = flops_per_token(preset, seq_len) * micro_batch * seq_len
     for precision, fp8 in precisions:
         dtype = torch.float32 if precision == "fp32" else torch.bfloat16
         full_logits = _train_loss(preset, seq_len, micro_batch, torch.finfo(dtype).bits // 8)

@@ -141,7 +141,7 @@ def child_layouts(work: str, dry: bool) -> dict:
     import contextlib
     import io
 
-    from megarope import parallel, train
+    from megarope import optim, parallel, train
 
     half = SIZES[dry]["steps"] // 2
     for name, (backend, overrides) in LAYOUTS.items():
@@ -156,7 +156,7 @@ def child_layouts(work: str, dry: bool) -> dict:
                         train.run(run_config(work, name, outcome["backend"], outcome["dtype"], dry, overrides, exit_at,
                                              cache="layouts"), progress=False)
                 outcome["losses"] = losses(os.path.join(work, "runs", name))
-                outcome["optimizer"] = train.optimizer_kind()
+                outcome["optimizer"] = optim.optimizer_kind()
                 resumed = re.search(r"resuming from .* \(step (\d+)\)", said.getvalue())  # the second run's start
                 outcome["resumed_from_step"] = int(resumed.group(1)) if resumed else None
             except Exception:  # noqa: BLE001 - the layout's result; the next one may still run

@@ -231,9 +231,9 @@ def _run_train(args) -> None:
     from megarope.config import load_config
 
     cfg = load_config(args.config, args.overrides)  # bad config: one line, before torch/megatron load
-    from megarope import parallel, train
+    from megarope import parallel, preflight, train
 
-    if _dry_run(args, train.dry_run, cfg):
+    if _dry_run(args, preflight.dry_run, cfg):
         return
     try:
         train.run(cfg, progress=False if args.no_progress else None)
@@ -442,10 +442,10 @@ def _add_experiment(sub) -> None:
 
 
 def _run_experiment(args) -> None:
-    from megarope import experiment, parallel
+    from megarope import experiment, experiment_config, experiment_plan, parallel
 
-    cfg = experiment.load(args.config, args.overrides)  # bad config: one line, before anything runs
-    if _dry_run(args, experiment.dry_run, cfg):
+    cfg = experiment_config.load(args.config, args.overrides)  # bad config: one line, before anything runs
+    if _dry_run(args, experiment_plan.dry_run, cfg):
         return
     try:
         experiment.run(cfg, progress=False if args.no_progress else None)

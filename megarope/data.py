@@ -548,7 +548,7 @@ def _build_on_rank_0_first(build, cache_dir: str):
 
 def fingerprint(paths_and_weights: Sequence[tuple[str, float]]) -> list[dict]:
     """What identifies a run's training data, per (prefix, weight): the SHA-256 of prefix.idx and the
-    size of prefix.bin. A training checkpoint records it and a resume compares (train.check_data).
+    size of prefix.bin. A training checkpoint records it and a resume compares (preflight.check_data).
 
     Why these: the .idx holds every document's length and offset (about 20 bytes a document), so
     documents added, removed, reordered or tokenized differently change it, and it is small enough to

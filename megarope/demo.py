@@ -27,7 +27,7 @@ import math
 import os
 from dataclasses import dataclass
 
-from megarope import experiment, scaling
+from megarope import experiment, experiment_config, scaling
 
 BASES = (1e6, 10.0, 1e4)
 PRETRAIN_BASE = 1e4
@@ -74,7 +74,7 @@ def config(out: str = "runs/demo", quick: bool = False, budget: Budget | None = 
 
 def _train_config(out: str, name: str, base: float, steps: int, lr: float, data_prefix: str, init_from: str | None):
     """The `megarope train` config of one demo stage (experiment.train_config of the demo's config)."""
-    return experiment.train_config(experiment.validate(config(out)), name, base, _section(steps, lr), data_prefix,
+    return experiment.train_config(experiment_config.validate(config(out)), name, base, _section(steps, lr), data_prefix,
                                    init_from)
 
 

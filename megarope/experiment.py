@@ -24,7 +24,8 @@ of its step, an evaluation stops before its next batch, and a rerun resumes the 
 (Interrupted). Under torchrun (or srun) every rank runs every stage: rank 0 does the file work while
 the others wait, the conversion and the runs are collective.
 
-`megarope demo` is this experiment at toy size (megarope.demo holds its config).
+`megarope demo` is this experiment at toy size (megarope.demo holds its config). The config's schema is
+megarope.experiment_config; the dry run, megarope.experiment_plan.
 """
 
 from __future__ import annotations
@@ -37,219 +38,14 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
-from typing import Literal
-
-from pydantic import Field, field_validator, model_validator
 
 from megarope import config as configuration, lineage as lineages, report, scaling, trust
-from megarope.config import LogSection, ParallelSection, Section, TrainSection
+from megarope.config import TrainSection
 from megarope.errors import UsageError
+from megarope.experiment_config import EvalGroup, ExperimentConfig, LineageSection, validate
 from megarope.files import sha256_file, write_json_atomic, write_text_atomic
-from megarope.units import format_tokens, parse_tokens
 
-# Assumed sustained rates of one H100/H200 for --dry-run's times: about half of what llama-1b's shape
-# sustained on one H200 in the first GPU run (bf16 training at 4K: 310 model TFLOP/s; TE scoring at 1M:
-# ~400). A model as narrow as SmolLM2-135M (hidden 576, head dim 64) keeps a GPU less busy: treat these
-# as estimates to check against a real run, not as measurements.
-TRAIN_TFLOPS = 150.0
-EVAL_TFLOPS = 200.0
 TRUST_OPT_IN = "model.trust: true"  # what a refused load of the model source names
-STAGE_SECONDS = 20.0  # per training stage: start-up, building, the dataset's index, the final save (an allowance)
-RUN_SECONDS = 5.0  # per evaluated (base, variant): loading the checkpoint (an allowance)
-# CPU stages, measured for SmolLM2-135M on the 2-core development machine (21 s to dequantize and write the GGUF,
-# transformers' import included; 3 s to convert); they scale with the parameters
-GGUF_SECONDS_PER_PARAM = 21 / 135e6
-CONVERT_SECONDS_PER_PARAM = 3 / 135e6
-CORPUS_SECONDS = 10.0  # the standard library (12 MB of text) through SmolLM2's BPE tokenizer took 9 s, once
-
-
-# ----------------------------------------------------------------------------------------------- the config
-class LineageSection(Section):
-    """The pretraining the model descends from (see megarope.lineage), as convert records it."""
-
-    pretrain_base: float = Field(gt=1)
-    pretrain_len: int = Field(ge=1)
-    tune_len: int | None = Field(None, ge=1)
-    """The length it was last trained at; default pretrain_len."""
-    note: str | None = None
-    """Where these numbers come from, in words (kept with the lineage), e.g. "likely: ...". """
-
-
-class ModelSection(Section):
-    source: str | None = None
-    """An HF model directory (llama, mistral, qwen2), a .gguf file, or a megarope checkpoint or training run."""
-    package: str | None = None
-    """"name==version" of an installed Python distribution that ships ``source`` (then a path inside it)."""
-    preset: str | None = None
-    """Instead of a source: train this megarope.model preset from random weights first (the pretrain section)."""
-    tokenizer: str | None = None
-    """With preset: "bytes", a sentencepiece .model or an HF tokenizer directory (a source carries its own)."""
-    lineage: LineageSection | Literal["config.json"] | None = None
-    """The pretraining the source descends from; "config.json": what its config.json says (rope_theta,
-    max_position_embeddings); None: what a megarope checkpoint records."""
-    backend: Literal["local", "te"] = "local"
-    trust: bool = False
-    """A megarope checkpoint as the source may hold pickled state that runs code when loaded (FP8 delayed
-    scaling's): true only for one from a source you trust (as init.trust; see megarope.trust). What the
-    experiment writes itself, its stages load as their own."""
-
-    @model_validator(mode="after")
-    def _one_model(self):
-        if (self.source is None) == (self.preset is None):
-            raise ValueError("give exactly one of model.source and model.preset")
-        if self.package and not self.source:
-            raise ValueError("model.package names the distribution that ships model.source")
-        if self.preset and (self.lineage is not None):
-            raise ValueError("model.preset trains from random weights: its lineage is the pretrain section's")
-        if self.preset and not self.tokenizer:
-            raise ValueError("model.preset needs model.tokenizer (bytes, a .model file or an HF tokenizer directory)")
-        if self.source and self.tokenizer:
-            raise ValueError("model.tokenizer is for model.preset; a source carries its own tokenizer")
-        return self
-
-
-class PretrainSection(TrainSection):
-    """Training from random weights (with model.preset): the train section's keys, and the RoPE base."""
-
-    base: float = Field(10000.0, gt=1)
-
-
-class TuneSection(TrainSection):
-    """The continued runs: the train section's keys (seq_len is the tuning length), one run per base."""
-
-    bases: list[float]
-
-    @field_validator("bases")
-    @classmethod
-    def _bases(cls, bases):
-        if not bases:
-            raise ValueError("give at least one base")
-        if any(not b > 1 for b in bases):
-            raise ValueError(f"every base must be > 1, got {bases}")
-        if len(set(bases)) != len(bases):
-            raise ValueError(f"a base is given twice: {bases}")
-        return bases
-
-
-class DataSection(Section):
-    corpus: Literal["stdlib", "stdlib-files"] = "stdlib"
-    """Built in, tokenized with the model's tokenizer. "stdlib": the standard library's source and bundled
-    documentation, with held-out source joined into evaluation documents as long as eval needs
-    (data.stdlib_long_corpus). "stdlib-files": its source alone, 20 held-out files of >= 8 KB as the
-    evaluation documents (data.stdlib_corpus: the demo's, for short lengths)."""
-    train: str | None = None
-    """Instead of the corpus: a megarope indexed dataset (prefix), tokenized with the model's tokenizer."""
-    eval: str | None = None
-    """Instead of the corpus: evaluation documents (.jsonl with "text", .txt, or a directory of them)."""
-    dir: str | None = None
-    """Where the corpus is prepared (default: out/data); shared by experiments that name the same one."""
-
-
-class EvalGroup(Section):
-    name: str | None = None
-    """Its directory, out/eval-<name> (for eval.extra)."""
-    bases: list[float] | None = None
-    """Of tune.bases; default: all of them."""
-    variants: list[str] = ["as-trained"]
-    """as-trained, dynamic-ntk, log-scaled, base=B, yarn=F, or several joined by '+' (eval.variants)."""
-    lengths: list[int]
-    """Evaluation lengths in tokens (4K, 128K, 1M, ...), each divisible by 2*CP*TP."""
-    docs: int = Field(4, ge=1)
-    """Documents scored at each length."""
-    enabled: bool = True
-    """False: planned (its documents are held out) but not run; true later runs it alone."""
-
-    @field_validator("lengths", mode="before")
-    @classmethod
-    def _token_counts(cls, lengths):
-        try:
-            return sorted({parse_tokens(str(n)) for n in lengths}) if isinstance(lengths, list) else lengths
-        except ValueError as e:
-            raise ValueError(str(e)) from None
-
-    @field_validator("variants")
-    @classmethod
-    def _variants(cls, variants):
-        from megarope.eval.variants import variants_from_flags  # pure Python: no torch
-
-        try:
-            variants_from_flags(variants)
-        except UsageError as e:
-            raise ValueError(str(e)) from None
-        return variants
-
-
-class EvalSection(EvalGroup):
-    extra: list[EvalGroup] = []
-    """More evaluations, each with its own bases, variants, lengths and documents (e.g. a 1M row)."""
-    bucket0: int | None = Field(None, ge=1)
-    """First loss-by-position bucket (default: the tuning length)."""
-    positions: bool = False
-    """Keep every record's per-position loss curve in results.json (large at long lengths)."""
-    reuse: bool = True
-    """Reuse an evaluation a rerun finds finished; false: evaluate again (the demo: seconds)."""
-    cp_comm: Literal["auto", "all-gather", "ring"] = "auto"
-
-    @model_validator(mode="after")
-    def _named(self):
-        if not self.enabled:
-            raise ValueError("eval.enabled: the main evaluation always runs (eval.extra's can wait)")
-        names = [g.name for g in self.extra]
-        if any(not n or not n.replace("-", "").replace("_", "").isalnum() for n in names):
-            raise ValueError(f"each of eval.extra needs a name of letters, digits, - and _, got {names}")
-        if len(set(names)) != len(names):
-            raise ValueError(f"eval.extra names repeat: {names}")
-        return self
-
-
-class CheckpointSection(Section):
-    every: int = Field(0, ge=0)
-    """Each training stage saves every this many steps (and always at the end): what a crash costs."""
-    keep: int = Field(1, ge=1)
-    on_corrupt: Literal["error", "previous"] = "error"
-
-
-class ExperimentConfig(Section):
-    out: str = "runs/experiment"
-    model: ModelSection
-    pretrain: PretrainSection | None = None
-    tune: TuneSection
-    parallel: ParallelSection = ParallelSection()
-    data: DataSection = DataSection()
-    eval: EvalSection
-    checkpoint: CheckpointSection = CheckpointSection()
-    log: LogSection = LogSection(tensorboard=False)
-
-    @model_validator(mode="after")
-    def _consistent(self):
-        if (self.pretrain is None) != (self.model.preset is None):
-            raise ValueError("a pretrain section goes with model.preset (training from random weights), and only then")
-        unit = 2 * self.parallel.cp * self.parallel.tp
-        groups = [("eval", self.eval)] + [(f"eval.extra.{i}", g) for i, g in enumerate(self.eval.extra)]
-        lengths = [("tune.seq_len", self.tune.seq_len)] + [(f"{key}.lengths", n) for key, g in groups for n in g.lengths]
-        if self.pretrain is not None:
-            lengths.append(("pretrain.seq_len", self.pretrain.seq_len))
-        for name, length in lengths:
-            if length % unit:
-                raise ValueError(f"{name}: {length} is not divisible by 2*CP*TP = {unit}")
-        for key, group in groups:
-            stray = [b for b in group.bases or [] if b not in self.tune.bases]
-            if stray:
-                raise ValueError(f"{key}.bases {stray} are not among tune.bases {self.tune.bases}")
-        return self
-
-    def groups(self) -> list[tuple[str, EvalGroup]]:
-        """(stage name, group): the main evaluation, then eval.extra."""
-        return [("eval", self.eval)] + [(f"eval-{g.name}", g) for g in self.eval.extra]
-
-
-def load(path: str | None, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Read an experiment config (YAML, dotted overrides); a bad one is one UsageError line naming the key."""
-    return configuration.load_config(path, overrides, schema=ExperimentConfig)
-
-
-def validate(raw: dict) -> ExperimentConfig:
-    return configuration.validate(raw, "experiment", ExperimentConfig)
 
 
 # ----------------------------------------------------------------------------------------------- the model
@@ -547,7 +343,7 @@ class Data:
     describe: str
 
 
-def _document_requests(cfg: ExperimentConfig) -> list[tuple[int, int]]:
+def document_requests(cfg: ExperimentConfig) -> list[tuple[int, int]]:
     """(longest length, documents) of every evaluation, enabled or not: what the corpus holds out, so that
     turning one on later changes no training data."""
     return [(max(group.lengths), group.docs) for _, group in cfg.groups()]
@@ -562,7 +358,7 @@ def data_stage(cfg: ExperimentConfig, tokenizer) -> Data:
     if cfg.data.train and cfg.data.eval:
         return Data(prefix, eval_docs, what)
     if cfg.data.corpus == "stdlib":
-        requests = _document_requests(cfg)
+        requests = document_requests(cfg)
         try:
             built, paths = _rank0_then_all(lambda: data.stdlib_long_corpus(where, tokenizer, requests))
         except UsageError as e:
@@ -753,107 +549,3 @@ def _run(cfg: ExperimentConfig, model: Model, signals: StageSignals, progress: b
     _say(f"\nwritten: {cfg.out}/results.json, results.csv, summary.json, report.md, ppl_vs_length.png, "
          f"loss_by_position.png" + "".join(f"; {cfg.out}/{label}/" for label in results if label != "eval"))
     return summary
-
-
-# ----------------------------------------------------------------------------------------------- dry run
-def _eval_seconds(preset, lengths: list[int], docs: int, dynamic: bool, world: int) -> float:
-    """Forward FLOPs of scoring ``docs`` documents as perplexity.run does (one pass at the longest length,
-    or one per length for dynamic NTK), at EVAL_TFLOPS per GPU."""
-    from megarope import memory
-
-    params = memory.model_parameters(preset)
-    attention = preset.num_heads * preset.head_dim * preset.num_layers
-
-    def flops(n):  # linear layers, and causal attention's QK^T and AV
-        return 2 * params * n + 2 * n * n * attention
-
-    total = sum(flops(n) for n in lengths) if dynamic else flops(max(lengths))
-    return docs * total / (world * EVAL_TFLOPS * 1e12)
-
-
-def dry_run(cfg: ExperimentConfig, world: int | None = None) -> tuple[str, str | None]:
-    """`megarope experiment CONFIG --dry-run`: the stages, their tokens, and each one's estimated time and
-    memory per GPU on ``world`` GPUs (default WORLD_SIZE, else TP x CP x PP), from the model's header or
-    metadata alone; nothing is converted, trained or evaluated. Returns the plan and, when a stage does not
-    fit parallel.gpu_memory_gb, the line refusing it."""
-    from megarope import memory, parallel
-    from megarope.eval.memory import estimated_peak
-    from megarope.eval.variants import variants_from_flags
-    from megarope.train import flops_per_token
-
-    model = read_model(cfg)
-    p, t = cfg.parallel, cfg.tune
-    world = world or int(os.environ.get("WORLD_SIZE", "0")) or p.tp * p.cp * p.pp
-    parallel.check_sizes(world, p.tp, p.cp, p.pp)
-    dp = world // (p.tp * p.cp * p.pp)
-    gb, refusal = 1e9, None
-    try:
-        check_eval_memory(cfg, model, gpu=True)
-    except UsageError as e:
-        refusal = str(e)
-    preset, params = model.preset, model.preset.num_params()
-    lin = model.lineage
-    said = set(lin.sources.values())
-    lineage_lines = [f"lineage: pretrained at {lin.pretrain_len:,} tokens with base {lin.pretrain_base:,.6g}, last trained "
-                     f"at {lin.tune_len:,}" + (f" ({said.pop()})" if len(said) == 1 else "")] if len(said) <= 1 else \
-        ["lineage:", *(f"  {line}" for line in lin.describe().splitlines())]
-    lines = [f"experiment -> {cfg.out}", f"model: {model.describe()}", *lineage_lines,
-             f"layout: {world} GPU(s) = TP {p.tp} x CP {p.cp} x PP {p.pp} x DP {dp}; parallel.gpu_memory_gb "
-             f"{p.gpu_memory_gb:g}; times at an assumed {TRAIN_TFLOPS:g} TFLOP/s per GPU training and "
-             f"{EVAL_TFLOPS:g} evaluating (estimates)", "",
-             f"{'stage':<16}{'work':<62}{'time':>9}{'memory':>16}"]
-    rows, total = [], 0.0
-
-    def row(stage, work, seconds, memory_text):
-        nonlocal total
-        total += seconds
-        rows.append(f"{stage:<16}{work:<62}{_duration(seconds):>9}{memory_text:>16}")
-
-    host = f"host {2 * 4 * params / gb:.1f} GB"
-    if model.kind == "gguf":
-        row("hf", "dequantize the GGUF to fp32 safetensors (CPU)", GGUF_SECONDS_PER_PARAM * params, host)
-    if model.kind != "preset" and not model.recorded_lineage:
-        row("model", "convert to a megarope checkpoint with the lineage", CONVERT_SECONDS_PER_PARAM * params, host)
-    if not (cfg.data.train and cfg.data.eval):
-        requests = ", ".join(f"{n} x {format_tokens(length)}" for length, n in _document_requests(cfg))
-        row("data", f"corpus {cfg.data.corpus}, held out {requests} tokens", CORPUS_SECONDS, "-")
-    stages = ([("pretrain", cfg.pretrain)] if cfg.pretrain else []) + [(f"base-{b:g}", t) for b in t.bases]
-    for name, section in stages:
-        if section.global_batch % (section.micro_batch * dp):
-            raise UsageError(f"{name}: global_batch {section.global_batch} is not divisible by micro_batch x "
-                             f"data-parallel size = {section.micro_batch} x {dp}")
-        tokens = section.steps * section.global_batch * section.seq_len
-        seconds = flops_per_token(preset, section.seq_len) * tokens / (world * TRAIN_TFLOPS * 1e12) + STAGE_SECONDS
-        num_micro = section.global_batch // (section.micro_batch * dp)
-        need = memory.estimate_training_memory(preset, tp=p.tp, cp=p.cp, pp=p.pp, dp=dp, seq_len=section.seq_len,
-                                               micro_batch=section.micro_batch, num_micro=max(1, num_micro),
-                                               dtype="bf16").total(section.recompute)
-        if need > p.gpu_memory_gb * gb and refusal is None:
-            refusal = (f"{name} needs an estimated {need / gb:.1f} GB per GPU (train.recompute "
-                       f"{str(section.recompute).lower()}), more than parallel.gpu_memory_gb = {p.gpu_memory_gb:g}")
-        row(name, f"{section.steps} steps x {section.global_batch} x {format_tokens(section.seq_len)} = "
-                  f"{f'{tokens / 1e6:.1f}M' if tokens >= 1e6 else f'{tokens:,}'} tokens", seconds, f"{need / gb:.1f} GB")
-    for label, group in cfg.groups():
-        variants = variants_from_flags(group.variants)
-        bases = group.bases or t.bases
-        seconds = sum(_eval_seconds(preset, group.lengths, group.docs, v.dynamic_ntk, world) + RUN_SECONDS
-                      for v in variants for _ in bases)
-        peak = estimated_peak(preset, max(group.lengths), 2, p.tp, p.cp, cfg.eval.cp_comm)
-        span = "-".join(dict.fromkeys(format_tokens(n) for n in (min(group.lengths), max(group.lengths))))
-        work = (f"{len(bases)} base(s) x {len(variants)} variant(s) x {len(group.lengths)} length(s) ({span}), "
-                f"{group.docs} doc(s)")
-        if group.enabled:
-            row(label, work, seconds, f"{peak / gb:.1f} GB")
-        else:
-            rows.append(f"{label:<16}{work:<62}{_duration(seconds):>9}{peak / gb:>13.1f} GB   (not enabled)")
-    lines += rows + [f"{'total':<78}{_duration(total):>9}", ""]
-    plans = [(b, predicted_bound(model, b, t.seq_len)) for b in t.bases]
-    lines += [f"scaling law (head dim {preset.head_dim}, tuned at {t.seq_len:,}):",
-              f"{'base':>10}  {'regime':<16}{'predicted bound':>16}"]
-    lines += [f"{b:>10g}  {(plan.regime if plan else '-'):<16}"
-              f"{format_tokens(plan.extrapolation_bound) if plan else '-':>16}" for b, plan in plans]
-    return "\n".join(lines), refusal
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"

@@ -175,5 +175,5 @@ class Packing:
 def thd_multiple(cp_size: int, tp_size: int, sequence_parallel: bool, fp8: bool) -> int:
     """What the te backend's packed row must be a multiple of: 2*CP (every document is, under CP), times TP
     with sequence parallelism (each TP rank takes a slice of a CP rank's tokens), times 16 with FP8 (TE's FP8
-    GEMMs take a multiple of 8 tokens; train.check_fp8_shapes)."""
+    GEMMs take a multiple of 8 tokens; preflight.check_fp8_shapes)."""
     return (2 * cp_size if cp_size > 1 else 1) * (tp_size if sequence_parallel else 1) * (16 if fp8 else 1)

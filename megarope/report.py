@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 from megarope.units import format_tokens
 
 if TYPE_CHECKING:
-    from megarope.experiment import ExperimentConfig, Model
+    from megarope.experiment import Model
+    from megarope.experiment_config import ExperimentConfig
 
 
 def _rows(records: list[dict], tuned: dict[float, str]) -> list[tuple[float, str, dict[int, dict]]]:

@@ -1,5 +1,6 @@
-"""`megarope experiment`: its config, its bad inputs, its dry run (the SmolLM2 example's too), and the whole
-command on a tiny random HF model: every stage, a rerun that reuses them, and stops mid-stage that resume."""
+"""`megarope experiment`: its config (megarope.experiment_config), its bad inputs, its dry run
+(megarope.experiment_plan; the SmolLM2 example's too), and the whole command on a tiny random HF model: every
+stage, a rerun that reuses them, and stops mid-stage that resume."""
 
 import importlib.metadata
 import importlib.util
@@ -15,7 +16,7 @@ import yaml
 
 from eval_helpers import count_scoring_calls
 from hf_models import random_hf
-from megarope import cli, experiment
+from megarope import cli, experiment, experiment_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(REPO, "examples", "experiment_smollm2_135m.yaml")
@@ -65,13 +66,13 @@ def run_cli(args, capsys) -> tuple[int, str, str]:
 
 # ----------------------------------------------------------------------------------------------- the config
 def test_the_example_is_a_valid_experiment_and_lists_index_overrides():
-    cfg = experiment.load(EXAMPLE)
+    cfg = experiment_config.load(EXAMPLE)
     assert cfg.tune.bases == [500, 1e5, 1e6] and cfg.tune.seq_len == 4096 and cfg.tune.steps == 150
     assert cfg.eval.lengths[-1] == 128 * 1024 and cfg.eval.variants == ["as-trained", "dynamic-ntk", "log-scaled"]
     assert cfg.model.lineage.pretrain_len == 2048 and "likely" in cfg.model.lineage.note
     one_m = cfg.eval.extra[0]
     assert (one_m.name, one_m.bases, one_m.lengths, one_m.enabled) == ("1M", [500], [2**20], False)
-    assert experiment.load(EXAMPLE, ["eval.extra.0.enabled=true"]).eval.extra[0].enabled
+    assert experiment_config.load(EXAMPLE, ["eval.extra.0.enabled=true"]).eval.extra[0].enabled
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -221,7 +222,7 @@ def test_the_whole_experiment_resumes_where_signals_stopped_it_and_a_rerun_reuse
     assert records[:4] == kept and len(records) == 2 * 3 * 3
     assert all(r["measured_break"] is None or r["measured_break"] >= 128 for r in records)
     assert {r["predicted_bound"] for r in records} == {experiment.predicted_bound(
-        experiment.read_model(experiment.validate(cfg)), 500.0, 128).extrapolation_bound}
+        experiment.read_model(experiment_config.validate(cfg)), 500.0, 128).extrapolation_bound}
     assert [s["base"] for s in summary] == [500.0, 1e4]
     assert set(summary[0]) == {"base", "predicted_bound", "measured_break", "measured_breaks"}
     assert set(summary[0]["measured_breaks"]) == {"as-trained", "dynamic-ntk", "log-scaled"}
@@ -268,7 +269,7 @@ def test_two_ranks_with_context_parallelism_run_every_stage_together(tmp_path, t
 def test_stages_load_what_the_experiment_wrote_as_its_own_and_the_users_checkpoint_as_foreign(tmp_path):
     """megarope.trust: a continued run from out/model (or the pretraining stage) trusts it as its own; from the
     user's megarope checkpoint only as far as model.trust says."""
-    cfg = experiment.validate(config(tmp_path / "out", "/x", "/c"))
+    cfg = experiment_config.validate(config(tmp_path / "out", "/x", "/c"))
     own = experiment.train_config(cfg, "base-500", 500.0, cfg.tune, "/data/p", str(tmp_path / "out" / "model"))
     assert own["init"] == {"from": str(tmp_path / "out" / "model"), "trust": "own"}
     users = experiment.train_config(cfg, "base-500", 500.0, cfg.tune, "/data/p", "/ckpt", cfg.model.trust)

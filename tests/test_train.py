@@ -20,13 +20,14 @@ import itertools
 import pytest
 import torch
 
-from megarope import checkpoint, config, data, parallel, train
+from megarope import checkpoint, config, data, parallel, preflight, train
 from megarope.cli import main
 from megarope.errors import UsageError
 from megarope.model import get_preset
 from megarope.optim import CHECKPOINT_METADATA
 from megarope.packing import document_bounds
 from megarope.rope import RopeConfig
+from megarope.train_metrics import METRICS
 from distributed import run_distributed
 
 pytestmark = [pytest.mark.filterwarnings("ignore:Could not determine rank"),
@@ -71,7 +72,7 @@ def write_yaml(cfg: config.Config, path) -> str:
 
 
 def metrics(ckpt_dir) -> list[dict]:
-    with open(os.path.join(ckpt_dir, train.METRICS)) as f:
+    with open(os.path.join(ckpt_dir, METRICS)) as f:
         return [json.loads(line) for line in f]
 
 
@@ -88,7 +89,7 @@ def cli_env() -> dict:
 
 
 def wait_for_steps(proc, ckpt_dir, n, timeout=120):
-    path = os.path.join(ckpt_dir, train.METRICS)
+    path = os.path.join(ckpt_dir, METRICS)
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
@@ -153,7 +154,7 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(corpus, reference, tmp_
 def test_resume_truncates_metrics_written_after_the_checkpoint(corpus, reference, tmp_path):
     ckpt = tmp_path / "run"
     train.run(make_cfg(corpus, ckpt, "train.exit_at_step=2"), progress=False)
-    with open(ckpt / train.METRICS, "a") as f:  # steps 3-4 ran, then the job died before a checkpoint
+    with open(ckpt / METRICS, "a") as f:  # steps 3-4 ran, then the job died before a checkpoint
         f.write(json.dumps({"step": 3, "loss": 9.0, "lr": 0}) + "\n" + '{"step": 4, "lo')
     train.run(make_cfg(corpus, ckpt), progress=False)
     assert losses(ckpt) == reference["losses"]
@@ -448,47 +449,17 @@ def test_a_resume_at_another_tp_or_pp_is_refused_where_the_optimizer_cannot_resh
     step = checkpoint.latest_checkpoint(str(run))
     state = checkpoint.read_train_state(step)
     checkpoint.write_json_atomic(os.path.join(step, checkpoint.TRAIN_STATE), {**state, "optimizer": "megatron-distributed"})
-    monkeypatch.setattr(train, "optimizer_kind", lambda: "megatron-distributed")
+    monkeypatch.setattr(preflight, "optimizer_kind", lambda: "megatron-distributed")
     cfg, precision = make_cfg(corpus, run), state["precision"]
-    train.check_resume(cfg, step, precision, parallel.Layout(1, 2, 1, 2, 4, 0))  # CP and DP change: fine
+    preflight.check_resume(cfg, step, precision, parallel.Layout(1, 2, 1, 2, 4, 0))  # CP and DP change: fine
     with pytest.raises(UsageError, match=r"saved at TP 1 x CP 1 x PP 1 and this run is TP 1 x CP 1 x PP 2: "
                                          r"megatron's distributed optimizer state reshards over DP and CP only"):
-        train.check_resume(cfg, step, precision, parallel.Layout(1, 1, 2, 1, 2, 0))
+        preflight.check_resume(cfg, step, precision, parallel.Layout(1, 1, 2, 1, 2, 0))
     with pytest.raises(UsageError, match="and this run is TP 2 x CP 1 x PP 1"):
-        train.check_resume(cfg, step, precision, parallel.Layout(2, 1, 1, 1, 2, 0))
+        preflight.check_resume(cfg, step, precision, parallel.Layout(2, 1, 1, 1, 2, 0))
 
 
-H100 = train.Accelerator("NVIDIA H100 80GB HBM3", (9, 0), 85.0)
-
-
-def test_gpu_checks_before_anything_starts(corpus, tmp_path):
-    cfg = lambda *o: make_cfg(corpus, tmp_path / "run", *o)  # noqa: E731
-    assert train.resolve_dtype(cfg(), H100) == "bf16" and train.resolve_dtype(cfg(), None) == "fp32"
-    assert train.resolve_dtype(cfg("train.dtype=fp32"), H100) == "fp32"
-    train.check_config(cfg("model.backend=te", "parallel.cp=2"), H100)  # auto: bf16
-    with pytest.raises(UsageError, match="train.dtype fp32 has no context-parallel attention"):
-        train.check_config(cfg("model.backend=te", "parallel.cp=2", "train.dtype=fp32"), H100)
-    fp8 = ("model.backend=te", "train.fp8=e4m3", "train.fp8_recipe=mxfp8")
-    with pytest.raises(UsageError, match="mxfp8 needs a Blackwell GPU .* has 9.0"):
-        train.check_config(cfg(*fp8), H100)
-    train.check_config(cfg(*fp8), train.Accelerator("NVIDIA B200", (10, 0), 180.0))
-    toy = get_preset("toy")  # hidden 128, 4 heads + 2 x 2 KV groups of 32, ffn 352
-    train.check_fp8_shapes(toy, cfg("train.fp8=e4m3", "parallel.tp=2"))
-    with pytest.raises(UsageError, match=r"ffn / TP = 88 \(TP 4\)"):
-        train.check_fp8_shapes(toy, cfg("train.fp8=e4m3", "parallel.tp=4"))
-    with pytest.raises(UsageError, match="36 tokens per rank .* not divisible by 8"):
-        train.check_fp8_shapes(toy, cfg("train.fp8=e4m3", "train.seq_len=72", "parallel.tp=2", "train.micro_batch=1",
-                                        "train.global_batch=4"))
-    # the te backend packs documents as THD: what it cannot do is refused before anything starts
-    packed = ("model.backend=te", "data.reset_position_ids=true", "data.reset_attention_mask=true")
-    train.check_config(cfg(*packed, "parallel.cp=2", "train.fp8=e4m3"), H100)
-    for extra, words in ((("data.reset_attention_mask=false",), "positions and attention restart together"),
-                         (("parallel.pp=2",), "use parallel.pp 1, or model.backend local"),
-                         (("rope.dynamic_ntk=true", "rope.train_len=32"), "dynamic NTK cannot take each document")):
-        with pytest.raises(UsageError, match=words):
-            train.check_config(cfg(*packed, *extra), H100)
-    train.check_config(cfg(*packed, "rope.dynamic_ntk=true"), H100)  # train_len = seq_len: no base changes
-    train.check_config(cfg("data.reset_position_ids=true", "rope.dynamic_ntk=true", "rope.train_len=32"), None)
+H100 = preflight.Accelerator("NVIDIA H100 80GB HBM3", (9, 0), 85.0)
 
 
 def test_megarope_device_cpu_on_a_gpu_machine_is_checked_as_a_cpu_run(corpus, tmp_path, monkeypatch):
@@ -501,55 +472,12 @@ def test_megarope_device_cpu_on_a_gpu_machine_is_checked_as_a_cpu_run(corpus, tm
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda _: SimpleNamespace(name="NVIDIA H100 80GB HBM3", major=9, minor=0, total_memory=85e9))
     monkeypatch.delenv("MEGAROPE_DEVICE")
-    assert train.this_accelerator() == H100
+    assert preflight.this_accelerator() == H100
     monkeypatch.setenv("MEGAROPE_DEVICE", "cpu")
-    assert train.this_accelerator() is None
+    assert preflight.this_accelerator() is None
     with pytest.raises(UsageError, match="model.backend te and train.fp8 need a GPU"):
         train.run(make_cfg(corpus, tmp_path / "run", "model.backend=te"), progress=False)
     assert not (tmp_path / "run").exists()
-
-
-# ----------------------------------------------------------------------------------------------- dry run
-LLAMA_70B = os.path.join(REPO, "examples", "llama2_70b_base1e6_16k.yaml")
-
-
-def test_the_70b_example_passes_its_dry_run(capsys):
-    assert main(["train", LLAMA_70B, "--dry-run", "--world", "128"]) == 0
-    out = capsys.readouterr().out
-    assert "world 128 = TP 8 x CP 2 x PP 4 x DP 2" in out and "68.98B parameters" in out
-    assert "fits <- this config" in out
-    for part in ("weights", "gradients", "optimizer shard", "recompute off", "recompute on", "workspace"):
-        assert part in out
-
-
-def test_the_loss_is_full_where_the_logits_fit_chunked_where_not_and_the_config_forces_either(capsys):
-    """train.loss: auto decides from the memory estimate against parallel.gpu_memory_gb; the dry run and the
-    banner say which."""
-    def plan(*overrides):
-        cfg = config.load_config(LLAMA_70B, list(overrides))
-        return train.loss_plan(cfg, get_preset("llama2-70b"), 2, "bf16")
-
-    full, estimate, line = plan()
-    assert full and line.startswith("loss: full logits") and "of 80.0 GB" in line
-    needed = estimate.total(False, full_logits=True) / 1e9
-    full, _, line = plan(f"parallel.gpu_memory_gb={needed - 0.01}")
-    assert not full and line.startswith("loss: chunked") and "would not fit" in line
-    assert plan(f"parallel.gpu_memory_gb={needed - 0.01}", "train.loss=full")[0]
-    full, _, line = plan("train.loss=chunked")
-    assert not full and line.endswith("(train.loss: chunked)")
-    assert main(["train", LLAMA_70B, "train.loss=chunked", "--dry-run", "--world", "128"]) == 0
-    out = capsys.readouterr().out
-    assert "  loss  " in out and "chunked, one micro batch's" in out and "(train.loss: chunked)" in out
-
-
-def test_a_dry_run_refuses_a_layout_that_does_not_fit(capsys):
-    assert main(["train", LLAMA_70B, "parallel.pp=1", "parallel.cp=1", "--dry-run"]) == 2
-    captured = capsys.readouterr()
-    assert "TP 8 x CP 1 x PP 1 x DP 1" in captured.out  # the estimate is shown, then one line says why not
-    assert captured.err.count("\n") == 1 and "more than parallel.gpu_memory_gb = 80" in captured.err
-    assert main(["train", LLAMA_70B, "parallel.gpu_memory_gb=141", "--dry-run"]) == 0  # an H200
-    assert main(["train", LLAMA_70B, "--world", "8"]) == 2
-    assert "--world is for --dry-run" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------- stopping

@@ -12,7 +12,7 @@ import pytest
 
 from gpu_setup import BACKEND, DTYPE, needs_te
 from hf_models import random_hf
-from megarope import data, experiment
+from megarope import data, experiment, experiment_config, experiment_plan
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -65,8 +65,8 @@ def test_the_smollm2_example_shortened_on_one_gpu(tmp_path, record_property):
     tied embeddings), and each stage's time beside the dry run's estimate (what the 10-minute claim rests on)."""
     overrides = [f"out={tmp_path / 'out'}", "tune.steps=20", "tune.warmup_steps=2", "tune.bases=[1.0e+5, 1.0e+6]",
                  "eval.lengths=[4K, 32K]", "eval.docs=2", "eval.extra=[]"]
-    cfg = experiment.load(os.path.join(REPO, "examples", "experiment_smollm2_135m.yaml"), overrides)
-    plan, refusal = experiment.dry_run(cfg)
+    cfg = experiment_config.load(os.path.join(REPO, "examples", "experiment_smollm2_135m.yaml"), overrides)
+    plan, refusal = experiment_plan.dry_run(cfg)
     assert refusal is None
     estimated = {line.split()[0]: line for line in plan.splitlines()}
     summary = experiment.run(cfg)
