@@ -21,8 +21,8 @@ its manifest says (checkpoint.verify_checkpoint); a converted model when it reco
 and lineage; an evaluation when it finished with the same checkpoints (by their manifests), documents
 and settings. SIGTERM, SIGINT or SIGUSR1 stops the whole experiment: a training stage saves at the end
 of its step, an evaluation stops before its next batch, and a rerun resumes the stage where it stopped
-(Interrupted). Under torchrun (or srun) every rank runs every stage: rank 0 does the file work while
-the others wait, the conversion and the runs are collective.
+(Interrupted). Under torchrun (or Slurm: launch/slurm.sbatch experiment) every rank runs every stage:
+rank 0 does the file work while the others wait, the conversion and the runs are collective.
 
 `megarope demo` is this experiment at toy size (megarope.demo holds its config). The config's schema is
 megarope.experiment_config; the dry run, megarope.experiment_plan.

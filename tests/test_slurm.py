@@ -1,7 +1,9 @@
 """launch/slurm.sbatch, unmodified, on a real Slurm cluster: launch/local_slurm.sh starts one on this
 machine (munge, slurmctld, two slurmd), and the toy example trains on it, is signalled, preempted,
-cancelled, requeued and resumed the ways a real cluster does it; and `slurm.sbatch eval ...` evaluates a
-toy checkpoint with CP across the two nodes, through a time-limit warning and a requeue.
+cancelled, requeued and resumed the ways a real cluster does it; `slurm.sbatch eval ...` evaluates a
+toy checkpoint with CP across the two nodes, through a time-limit warning and a requeue; and
+`slurm.sbatch experiment ...` runs every stage of an experiment on a tiny HF model with CP across the two
+nodes, warned in its training stage, requeued and resumed there.
 
 Needs Slurm's daemons (Debian: slurmctld slurmd slurm-client munge; .ci/run installs them); without
 them every test here skips with one line saying so.
@@ -343,3 +345,86 @@ def test_eval_time_limit_warning_stops_requeues_and_resumes_at_the_next_unscored
     assert int(run.info["Restarts"]) == 1 and "time limit: requeued" in run.output
     assert f"resuming: {done} of {total} (run, length) results are in {run.ckpt}/results.json" in run.output
     _assert_equal_to_one_process(run, eval_jobs.reference)
+
+
+# ----------------------------------------------------------------------------------------------- experiment
+# `megarope experiment` of a tiny random HF llama: CP 2 over the two nodes, one base, warned in its training stage.
+EXPERIMENT_STEPS = 40
+
+
+@pytest.fixture(scope="module")
+def experiment_config(tmp_path_factory) -> Path:
+    """The experiment's config, with its data tokenized by the model's own tokenizer (no built-in corpus)."""
+    import yaml
+    from eval_helpers import corpus_texts
+    from hf_models import random_hf
+
+    from megarope import data
+
+    root = tmp_path_factory.mktemp("experiment-inputs")
+    random_hf(root / "model", "llama")
+    docs = root / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": text}) + "\n" for text in corpus_texts()[:3]))
+    prefix = data.preprocess([docs], str(root / "model"), str(root / "train"))["prefix"]
+    cfg = {"model": {"source": str(root / "model"),
+                     "lineage": {"pretrain_base": 1e4, "pretrain_len": 64, "tune_len": 128}},
+           "tune": {"bases": [500.0], "seq_len": 128, "steps": EXPERIMENT_STEPS, "global_batch": 2, "micro_batch": 2,
+                    "lr": 1e-4, "min_lr": 0.0, "warmup_steps": 0},
+           "parallel": {"cp": 2},
+           "data": {"train": prefix, "eval": str(docs)},
+           "eval": {"lengths": [256, 512], "docs": 1},
+           "checkpoint": {"every": 2},
+           "log": {"every": 10}}
+    path = root / "experiment.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def experiment_job(cluster, experiment_config, tmp_path_factory) -> Run:
+    """2 nodes x 1 rank; the time-limit warning once the training stage has saved a checkpoint."""
+    from megarope.parallel import free_port
+
+    workdir = tmp_path_factory.mktemp("experiment")
+    out, log = workdir / "out", workdir / "job.out"
+    job_id = cluster.run("sbatch", "--parsable", "--nodes=2", "--gpus-per-node=0", "--cpus-per-task=1",
+                         f"--chdir={workdir}", f"--output={log}", str(SBATCH), "experiment", str(experiment_config),
+                         f"out={out}", "--no-progress", RDZV_PORT=str(free_port())).strip().split(";")[0]
+    run = Run(job_id, out / "base-500", log)
+    _wait("the training stage's first checkpoint", run.latest_step, run, every=0.1)
+    cluster.run("scancel", "--batch", "--signal=USR1", job_id)
+
+    def first_start_over():
+        info = cluster.job(job_id)
+        return (int(info["Restarts"]) > 0 and info["JobState"] == "PENDING") or info["JobState"] in FINAL
+
+    _wait("the first start to end", first_start_over, run, every=0.1)
+    run.at_stop = {"latest": run.latest_step(), "logged": run.logged_steps()[-1]}
+    return _finish(cluster, run)
+
+
+def test_an_experiment_warned_in_training_requeues_and_resumes_that_stage(experiment_job):
+    run = experiment_job
+    assert run.info["JobState"] == "COMPLETED", run.output[-6000:]
+    assert int(run.info["Restarts"]) == 1 and "time limit: requeued" in run.output
+    stopped = run.at_stop["latest"]
+    assert stopped == run.at_stop["logged"] < EXPERIMENT_STEPS, run.at_stop  # saved at the step it stopped
+    assert "[model] cached" in run.output
+    assert f"[base-500] resuming at step {stopped} of {EXPERIMENT_STEPS}" in run.output
+    assert run.logged_steps() == list(range(1, EXPERIMENT_STEPS + 1))  # each step once, across the two starts
+    out = run.ckpt.parent
+    records = json.loads((out / "results.json").read_text())
+    assert [(r["base"], r["variant"], r["length"]) for r in records] == [(500.0, "as-trained", n) for n in (256, 512)]
+    assert [s["base"] for s in json.loads((out / "summary.json").read_text())] == [500.0]
+    assert (out / "report.md").exists() and "megarope: 2 nodes x 1 CPU ranks" in run.output
+
+
+def test_a_bad_experiment_config_is_one_line_before_any_rank_starts(cluster, experiment_config, tmp_path):
+    job_id = cluster.run("sbatch", "--parsable", "--nodes=1", "--gpus-per-node=0", "--cpus-per-task=1",
+                         f"--chdir={tmp_path}", f"--output={tmp_path / 'job.out'}", str(SBATCH), "experiment",
+                         str(experiment_config), "tune.bases=[500, 500]").strip().split(";")[0]
+    run = _finish(cluster, Run(job_id, tmp_path / "runs", tmp_path / "job.out"))
+    assert run.info["JobState"] == "FAILED" and run.info["ExitCode"] == "2:0", run.info
+    lines = run.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("megarope: error:") and "a base is given twice" in lines[0], lines
+    assert not (tmp_path / "runs").exists()  # the config's out (runs/experiment): nothing was written
