@@ -51,8 +51,8 @@ micro_batch, lr, warmup_steps, seed, dtype, fp8, fp8_recipe}, data.{path: auto:t
 checkpoint.{dir, every, keep}, log.tensorboard; checkpoint.save_model / load_model / build_from_checkpoint /
 read_meta / read_train_state; model.build_model / get_preset / transformer_config; loss.token_losses
 (with_accuracy, full_logits) / mean_loss; memory.estimate_training_memory / choose_loss;
-train_metrics.flops_per_token; parallel.init / destroy / device; and the evaluator's estimate_eval_memory and score_sequences, imported in one place
-(evaluator()).
+train_metrics.flops_per_token; parallel.init / destroy / device; and the evaluator's estimate_eval_memory and
+score_sequences, imported in one place (evaluator()).
 """
 
 from __future__ import annotations

@@ -489,6 +489,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def launch_check(argv: list[str]) -> int:
+    """launch/slurm.sbatch's check of ``megarope train|eval|experiment ARGS`` before any rank starts. Prints two
+    lines: the directory whose files show whether the ranks stopped cleanly (train: checkpoint.dir, eval: --out,
+    experiment: out), and the environment megatron-core wants for the layout (config.launch_environment). A bad
+    command line or config is one line on stderr and status 2."""
+    import os
+
+    from megarope import experiment_config
+    from megarope.config import launch_environment, load_config
+
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "eval":
+            directory, tp, cp = args.out, args.tp, args.cp
+        else:
+            experiment = args.command == "experiment"
+            cfg = (experiment_config.load if experiment else load_config)(args.config, args.overrides)
+            directory, tp, cp = (cfg.out if experiment else cfg.checkpoint.dir), cfg.parallel.tp, cfg.parallel.cp
+    except UsageError as e:
+        print(f"megarope: error: {e}", file=sys.stderr)
+        return 2
+    print(os.path.abspath(directory))
+    print(" ".join(f"{name}={value}" for name, value in launch_environment(tp, cp).items()))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from megarope import compat
 

@@ -28,7 +28,8 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
 
 
-Section = _Section  # the base of every section, here and in other configs (megarope.experiment_config): unknown keys are errors
+# the base of every section, here and in other configs (megarope.experiment_config): unknown keys are errors
+Section = _Section
 
 
 class ModelSection(_Section):

@@ -49,9 +49,9 @@ import torch.distributed as dist
 from megarope import checkpoint, compat, config as configuration, data, lineage, packing, parallel, preflight, trust
 from megarope.errors import UsageError
 from megarope.memory import model_parameters
-from megarope.train_metrics import METRICS, MetricsWriter, finite_or_none, flops_per_token, peak_flops
 from megarope.optim import CHECKPOINT_METADATA, make_ddp_config, make_optimizer, make_scheduler
 from megarope.signals import StopSignals
+from megarope.train_metrics import METRICS, MetricsWriter, finite_or_none, flops_per_token, peak_flops
 
 
 

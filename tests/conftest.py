@@ -28,7 +28,6 @@ def _device_and_fresh_parallel_state(request, monkeypatch):
         compat.restore()  # the GPU tests of this session see the GPU again
 
 
-
 # `make test` runs the suite in two pytest-xdist workers, one per core of the 2-core machine CI uses: each worker and
 # every process it starts computes on one thread, so that the workers do not fight over the cores.
 if os.environ.get("PYTEST_XDIST_WORKER"):
